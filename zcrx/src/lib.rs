@@ -1,0 +1,2 @@
+//! The io_uring zcrx receive model in userspace.
+pub mod uring;
