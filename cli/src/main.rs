@@ -1,1 +1,52 @@
-fn main() {}
+//! The `zcrx` command.
+
+mod bench;
+mod demo;
+mod opts;
+mod progress;
+mod receive;
+mod rx;
+mod sender;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Zero-copy receive in the io_uring zcrx model, in userspace.
+#[derive(Parser, Debug)]
+#[command(name = "zcrx", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Stream verified data over loopback into a NODEV ifq and report (no NIC, no VM, no setup).
+    Demo(demo::DemoArgs),
+    /// Receive from a real peer and print stats.
+    Rx(rx::RxArgs),
+    /// Benchmarks, each against its baselines in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Rx(a) => rx::run(a),
+        Cmd::Bench(b) => bench::run(b),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zcrx: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -270,3 +270,78 @@ fn sockaddr_to_std(a: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<S
         _ => None,
     }
 }
+
+/// The copy fallback through io_uring: a multishot recv (with bundles for streams) into a
+/// provided-buffer ring whose buffers are the area's free niovs, so the kernel's one copy lands
+/// in the area and one syscall can complete many buffers.
+///
+/// Buffers in the provided ring are *posted* (the kernel is the device here). Never more are
+/// posted than there are free completion slots, so whatever the kernel fills can be completed.
+pub struct UringCopy {
+    // Field order is drop order: the ring (and the kernel's hold on the buffers) goes first,
+    // then our hold on the memory, so the kernel never writes into unmapped memory.
+    pr: crate::uring::ProvidedRecv,
+    _mem: std::sync::Arc<crate::area::AreaMemory>,
+}
+
+impl UringCopy {
+    /// Receive from `fd` (a connected stream or a bound datagram socket) into `ifq`'s area.
+    pub fn new(ifq: &Ifq, fd: BorrowedFd<'_>, kind: crate::uring::SocketKind, ring_entries: u32) -> io::Result<Self> {
+        Ok(Self {
+            pr: crate::uring::ProvidedRecv::new(fd, kind, ring_entries)?,
+            _mem: ifq.area().memory().clone(),
+        })
+    }
+
+    /// Buffers currently in the provided ring.
+    pub fn posted(&self) -> u32 {
+        self.pr.posted()
+    }
+
+    /// Top the provided ring up from the free list, wait for data when `wait`, complete every
+    /// filled buffer.
+    pub fn fill(&mut self, ifq: &mut Ifq, wait: bool) -> io::Result<CopyOutcome> {
+        ifq.poll_flush_request();
+        let space = ifq.cq_space();
+        let mut budget = space.saturating_sub(self.pr.posted()).min(self.pr.space());
+        let len = ifq.area().rx_buf_len();
+        while budget > 0 {
+            let Some(i) = ifq.take_free() else { break };
+            // SAFETY: buffer `i` is posted: inside the area, written by nobody but the kernel
+            // until it comes back filled or drained.
+            unsafe { self.pr.post(ifq.area().niov_ptr(i), len, i) }.expect("space checked");
+            budget -= 1;
+        }
+        if self.pr.posted() == 0 {
+            let cq_full = space == 0;
+            ifq.note_no_buffer(cq_full);
+            return Ok(if cq_full { CopyOutcome::NoCqSpace } else { CopyOutcome::NoBuffer });
+        }
+        let (mut completions, mut bytes) = (0u32, 0usize);
+        let out = self.pr.poll(wait && !self.pr.is_eof(), |f| {
+            // Cannot fail: never more posted than free completion slots.
+            let _ = ifq.complete(f.cookie, 0, f.len, 0, true);
+            completions += 1;
+            bytes += f.len as usize;
+        });
+        ifq.finish_copy(completions);
+        let out = out?;
+        if completions != 0 {
+            return Ok(CopyOutcome::Data { completions, bytes });
+        }
+        if out.eof {
+            return Ok(CopyOutcome::Eof);
+        }
+        if out.no_buffers {
+            ifq.note_no_buffer(false);
+            return Ok(CopyOutcome::NoBuffer);
+        }
+        Ok(CopyOutcome::WouldBlock)
+    }
+
+    /// Take every buffer back from the kernel into the free list (before closing the ifq, or to
+    /// switch methods).
+    pub fn detach(mut self, ifq: &mut Ifq) -> io::Result<()> {
+        self.pr.drain_posted(|i| ifq.put_back(i))
+    }
+}

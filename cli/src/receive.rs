@@ -1,0 +1,166 @@
+//! The application side of receiving, shared by every subcommand: take completions, hand the
+//! bytes to a sink in place, return the buffers. Inline (one thread polls both sides) or with a
+//! receive thread that owns the ifq.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::Backoff;
+use zcrx::{BufError, CopyOutcome, Cqe, Ifq, IfqStats, IfqUser};
+
+/// Completions taken per batch.
+pub const BATCH: usize = 256;
+
+/// Where received bytes go. `cqe` says which buffer and whether the frame continues.
+pub trait Sink {
+    fn data(&mut self, bytes: &[u8], cqe: &Cqe) -> Result<(), String>;
+}
+
+/// Counts only.
+pub struct Discard;
+impl Sink for Discard {
+    fn data(&mut self, _: &[u8], _: &Cqe) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What a receive run did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunStats {
+    pub bytes: u64,
+    pub completions: u64,
+    pub stats: IfqStats,
+}
+
+/// Take every ready completion, feed the sink, refill. `on_rq_full` must make refill-queue room
+/// (flush) — the buffer stays ours until it fits, nothing is dropped.
+fn drain(
+    user: &mut IfqUser,
+    cqes: &mut [Cqe],
+    sink: &mut dyn Sink,
+    on_rq_full: &mut dyn FnMut(&mut IfqUser),
+) -> Result<(u64, u64), String> {
+    let n = user.recv(cqes);
+    let mut bytes = 0;
+    for c in &cqes[..n] {
+        let d = user.data(c).map_err(|e| e.to_string())?;
+        bytes += d.len() as u64;
+        sink.data(d, c)?;
+        loop {
+            match user.refill(c) {
+                Ok(()) => break,
+                Err(BufError::RqFull) => on_rq_full(user),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    if n != 0 {
+        user.flush_rq();
+    }
+    Ok((bytes, n as u64))
+}
+
+/// One thread drives both sides: `fill` runs the receive side until it reports EOF.
+pub fn run_inline(
+    mut ifq: Ifq,
+    mut user: IfqUser,
+    fill: &mut dyn FnMut(&mut Ifq) -> io::Result<CopyOutcome>,
+    sink: &mut dyn Sink,
+    progress: &mut dyn FnMut(u64),
+    stop: &AtomicBool,
+) -> Result<RunStats, String> {
+    let mut cqes = vec![Cqe::default(); BATCH];
+    let mut run = RunStats::default();
+    let mut eof = false;
+    while !eof && !stop.load(Ordering::Relaxed) {
+        match fill(&mut ifq).map_err(|e| format!("receive failed: {e}"))? {
+            CopyOutcome::Eof => eof = true,
+            _ => {}
+        }
+        loop {
+            let (b, n) = drain(&mut user, &mut cqes, sink, &mut |u| {
+                u.flush_rq();
+                ifq.poll_flush_request();
+            })?;
+            run.bytes += b;
+            run.completions += n;
+            if n == 0 {
+                break;
+            }
+        }
+        progress(run.bytes);
+    }
+    run.stats = ifq.close();
+    Ok(run)
+}
+
+/// A receive thread owns the ifq and runs `fill`; this thread consumes and refills.
+pub fn run_threaded(
+    ifq: Ifq,
+    mut user: IfqUser,
+    mut fill: Box<dyn FnMut(&mut Ifq) -> io::Result<CopyOutcome> + Send>,
+    sink: &mut dyn Sink,
+    progress: &mut dyn FnMut(u64),
+    stop: Arc<AtomicBool>,
+) -> Result<RunStats, String> {
+    let done = Arc::new(AtomicBool::new(false));
+    let rx_done = done.clone();
+    let rx_stop = stop.clone();
+    let rx = std::thread::Builder::new()
+        .name("zcrx-rx".into())
+        .spawn(move || -> Result<IfqStats, String> {
+            let mut ifq = ifq;
+            let backoff = Backoff::new();
+            let r = loop {
+                if rx_stop.load(Ordering::Relaxed) {
+                    break Ok(());
+                }
+                match fill(&mut ifq) {
+                    Ok(CopyOutcome::Eof) => break Ok(()),
+                    Ok(CopyOutcome::Data { .. }) => backoff.reset(),
+                    Ok(_) => backoff.snooze(),
+                    Err(e) => break Err(format!("receive failed: {e}")),
+                }
+            };
+            let stats = ifq.close();
+            rx_done.store(true, Ordering::Release);
+            r.map(|()| stats)
+        })
+        .map_err(|e| format!("cannot start the receive thread: {e}"))?;
+
+    let mut cqes = vec![Cqe::default(); BATCH];
+    let mut run = RunStats::default();
+    let backoff = Backoff::new();
+    let mut result = Ok(());
+    loop {
+        let finished = done.load(Ordering::Acquire);
+        match drain(&mut user, &mut cqes, sink, &mut |u| {
+            u.flush_rq();
+            Backoff::new().snooze();
+        }) {
+            Ok((b, n)) => {
+                run.bytes += b;
+                run.completions += n;
+                if n == 0 {
+                    if finished {
+                        break;
+                    }
+                    backoff.snooze();
+                } else {
+                    backoff.reset();
+                    progress(run.bytes);
+                }
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let rx_result = rx.join().map_err(|_| "the receive thread panicked".to_string())?;
+    result?;
+    run.stats = rx_result?;
+    Ok(run)
+}

@@ -1,0 +1,235 @@
+//! `zcrx rx`: receive from any real peer (`nc`, `iperf3`, another host's program) and print what
+//! arrived. NODEV for now: a TCP connection or UDP datagrams through the copy fallback.
+
+use std::io::BufWriter;
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::json;
+use zcrx::copy::UringCopy;
+use zcrx::uring::SocketKind;
+use zcrx::{CopyLimits, CopyOutcome, Cqe, Ifq};
+
+use crate::opts::{IfqArgs, Method};
+use crate::receive::{self, Discard, Sink};
+
+#[derive(Args, Debug)]
+pub struct RxArgs {
+    /// Device-less mode: data comes from a kernel socket through the copy fallback.
+    #[arg(long)]
+    pub nodev: bool,
+    /// Address to listen on (TCP: accept one connection; UDP: bind).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Receive UDP datagrams instead of a TCP stream.
+    #[arg(long)]
+    pub udp: bool,
+    /// Write what was received to this pcap file (UDP).
+    #[arg(long)]
+    pub pcap: Option<std::path::PathBuf>,
+    /// Stop after this many datagrams (UDP).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// How the receive side reads the socket.
+    #[arg(long, value_enum, default_value_t = Method::Readv)]
+    pub method: Method,
+    #[command(flatten)]
+    pub ifq: IfqArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Ctrl-C and SIGTERM end the run (the stats still print). No SA_RESTART, so a blocking read
+/// returns EINTR and the loop sees the flag.
+fn install_stop_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Writes whole datagrams (fragments joined) to a pcap file.
+struct PcapSink<'a> {
+    w: traffic::pcap::PcapWriter<BufWriter<std::fs::File>>,
+    local: SocketAddrV4,
+    /// Source of each datagram not yet written, in completion order.
+    srcs: &'a Srcs,
+    frame: Vec<u8>,
+    start: Instant,
+}
+
+type Srcs = std::cell::RefCell<std::collections::VecDeque<Option<SocketAddr>>>;
+
+impl Sink for PcapSink<'_> {
+    fn data(&mut self, bytes: &[u8], c: &Cqe) -> Result<(), String> {
+        self.frame.extend_from_slice(bytes);
+        if c.is_continued() {
+            return Ok(());
+        }
+        let src = match self.srcs.borrow_mut().pop_front().flatten() {
+            Some(SocketAddr::V4(a)) => a,
+            _ => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+        };
+        let r = self.w.write_udp(src, self.local, &self.frame, self.start.elapsed());
+        self.frame.clear();
+        r.map_err(|e| format!("pcap: {e}"))
+    }
+}
+
+pub fn run(a: &RxArgs) -> Result<(), String> {
+    if !a.nodev {
+        return Err("choose a mode: --nodev (device-less copy mode) is the one available".into());
+    }
+    let listen = a.listen.ok_or("--listen ADDR is required with --nodev")?;
+    if a.pcap.is_some() && !a.udp {
+        return Err("--pcap needs --udp (a TCP stream has no packets to write)".into());
+    }
+    if a.count.is_some() && !a.udp {
+        return Err("--count needs --udp (it counts datagrams)".into());
+    }
+    if let Some(d) = a.duration {
+        if !(d > 0.0 && d.is_finite()) {
+            return Err(format!("--duration must be a positive number of seconds, got {d}"));
+        }
+    }
+    if a.udp && a.method == Method::Uring && a.ifq.rx_buf_len < 65536 {
+        return Err("--udp --method uring needs --rx-buf-len 64K or more (a datagram must fit one buffer)".into());
+    }
+    let (reg, area) = a.ifq.reg()?;
+    let (ifq, user) = Ifq::register(reg, area, None).map_err(|e| e.to_string())?;
+    install_stop_handler();
+    let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let start = Instant::now();
+    let (run, datagrams) = if a.udp { rx_udp(a, listen, ifq, user, deadline)? } else { (rx_tcp(a, listen, ifq, user, deadline)?, 0) };
+    let secs = start.elapsed().as_secs_f64();
+    let s = run.stats;
+    let gbps = run.bytes as f64 * 8.0 / secs / 1e9;
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "mode": "nodev-copy", "method": a.method.name(), "proto": if a.udp { "udp" } else { "tcp" },
+                "bytes": run.bytes, "completions": run.completions, "datagrams": datagrams,
+                "seconds": secs, "gbit_per_s": gbps,
+                "copy_count": s.copy_count, "copy_bytes": s.copy_bytes, "invalid_rqes": s.invalid_rqes,
+                "no_buffer": s.no_buffer, "cq_full": s.cq_full, "refilled": s.refilled,
+            })
+        );
+    } else {
+        println!("received {} bytes in {} completions{} in {:.2} s ({:.3} Gbit/s)", run.bytes, run.completions,
+            if a.udp { format!(", {datagrams} datagrams") } else { String::new() }, secs, gbps);
+        println!("copy_count {} copy_bytes {} refilled {} invalid_rqes {} no_buffer {} cq_full {}",
+            s.copy_count, s.copy_bytes, s.refilled, s.invalid_rqes, s.no_buffer, s.cq_full);
+    }
+    Ok(())
+}
+
+fn rx_tcp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadline: Option<Instant>) -> Result<receive::RunStats, String> {
+    let l = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    eprintln!("listening on tcp {}", l.local_addr().map_err(|e| e.to_string())?);
+    let (sock, peer) = l.accept().map_err(|e| if STOP.load(Ordering::Relaxed) { "interrupted".to_string() } else { format!("accept: {e}") })?;
+    eprintln!("connection from {peer}");
+    if deadline.is_some() {
+        // Wake up now and then to look at the clock.
+        sock.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+    }
+    let stop = AtomicBool::new(false);
+    let mut check = |_: u64| {
+        if STOP.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            stop.store(true, Ordering::Relaxed);
+        }
+    };
+    let limits = CopyLimits::default();
+    match a.method {
+        Method::Readv => receive::run_inline(ifq, user, &mut |q| q.copy_stream(sock.as_fd(), &limits), &mut Discard, &mut check, &stop),
+        Method::Uring => {
+            let mut uc = UringCopy::new(&ifq, sock.as_fd(), SocketKind::Stream, 4096).map_err(|e| e.to_string())?;
+            let wait = deadline.is_none();
+            receive::run_inline(ifq, user, &mut |q| uc.fill(q, wait), &mut Discard, &mut check, &stop)
+        }
+    }
+}
+
+fn rx_udp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadline: Option<Instant>) -> Result<(receive::RunStats, u64), String> {
+    let sock = UdpSocket::bind(listen).map_err(|e| format!("cannot bind udp {listen}: {e}"))?;
+    let local = sock.local_addr().map_err(|e| e.to_string())?;
+    eprintln!("listening on udp {local}");
+    // The pcap sink needs each datagram's source; the copy reports them in completion order.
+    let srcs = Srcs::default();
+    let mut pcap = match &a.pcap {
+        Some(path) => {
+            let f = std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let w = traffic::pcap::PcapWriter::new(BufWriter::new(f), traffic::pcap::LINKTYPE_ETHERNET, traffic::pcap::DEFAULT_SNAPLEN)
+                .map_err(|e| format!("pcap: {e}"))?;
+            let local = match local { SocketAddr::V4(v) => v, SocketAddr::V6(_) => return Err("--pcap supports IPv4 only".into()) };
+            Some(PcapSink { w, local, srcs: &srcs, frame: Vec::new(), start: Instant::now() })
+        }
+        None => None,
+    };
+    let datagrams = std::cell::Cell::new(0u64);
+    let stop = AtomicBool::new(false);
+    let limits = CopyLimits::default();
+    let mut uc = match a.method {
+        Method::Uring => Some(UringCopy::new(&ifq, sock.as_fd(), SocketKind::Datagram, 4096).map_err(|e| e.to_string())?),
+        Method::Readv => None,
+    };
+    let keep_srcs = pcap.is_some();
+    let mut fill = |q: &mut Ifq| -> std::io::Result<CopyOutcome> {
+        let out = match uc.as_mut() {
+            Some(uc) => {
+                let o = uc.fill(q, false)?;
+                if let CopyOutcome::Data { completions, .. } = o {
+                    datagrams.set(datagrams.get() + completions as u64);
+                    if keep_srcs {
+                        srcs.borrow_mut().extend(std::iter::repeat_n(None, completions as usize));
+                    }
+                }
+                o
+            }
+            None => q.copy_datagrams(sock.as_fd(), &limits, |src, _| {
+                datagrams.set(datagrams.get() + 1);
+                if keep_srcs {
+                    srcs.borrow_mut().push_back(src);
+                }
+            })?,
+        };
+        if out == CopyOutcome::WouldBlock {
+            let mut pfd = [rustix::event::PollFd::new(&sock, rustix::event::PollFlags::IN)];
+            let _ = rustix::event::poll(&mut pfd, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 50_000_000 }));
+        }
+        Ok(out)
+    };
+    let mut check = |_: u64| {
+        let enough = a.count.is_some_and(|c| datagrams.get() >= c);
+        if enough || STOP.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            stop.store(true, Ordering::Relaxed);
+        }
+    };
+    let run = match pcap.as_mut() {
+        Some(p) => receive::run_inline(ifq, user, &mut fill, p, &mut check, &stop)?,
+        None => receive::run_inline(ifq, user, &mut fill, &mut Discard, &mut check, &stop)?,
+    };
+    if let Some(mut p) = pcap {
+        p.w.flush().map_err(|e| format!("pcap: {e}"))?;
+    }
+    Ok((run, datagrams.get()))
+}
