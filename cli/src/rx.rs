@@ -74,7 +74,6 @@ struct PcapSink<'a> {
     /// Source of each datagram not yet written, in completion order.
     srcs: &'a Srcs,
     frame: Vec<u8>,
-    start: Instant,
 }
 
 type Srcs = std::cell::RefCell<std::collections::VecDeque<Option<SocketAddr>>>;
@@ -89,7 +88,8 @@ impl Sink for PcapSink<'_> {
             Some(SocketAddr::V4(a)) => a,
             _ => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
         };
-        let r = self.w.write_udp(src, self.local, &self.frame, self.start.elapsed());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let r = self.w.write_udp(src, self.local, &self.frame, now);
         self.frame.clear();
         r.map_err(|e| format!("pcap: {e}"))
     }
@@ -102,6 +102,9 @@ pub fn run(a: &RxArgs) -> Result<(), String> {
     let listen = a.listen.ok_or("--listen ADDR is required with --nodev")?;
     if a.pcap.is_some() && !a.udp {
         return Err("--pcap needs --udp (a TCP stream has no packets to write)".into());
+    }
+    if a.pcap.is_some() && a.method == Method::Uring {
+        return Err("--pcap needs --method readv (io_uring multishot recv does not report source addresses)".into());
     }
     if a.count.is_some() && !a.udp {
         return Err("--count needs --udp (it counts datagrams)".into());
@@ -181,7 +184,7 @@ fn rx_udp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadlin
             let w = traffic::pcap::PcapWriter::new(BufWriter::new(f), traffic::pcap::LINKTYPE_ETHERNET, traffic::pcap::DEFAULT_SNAPLEN)
                 .map_err(|e| format!("pcap: {e}"))?;
             let local = match local { SocketAddr::V4(v) => v, SocketAddr::V6(_) => return Err("--pcap supports IPv4 only".into()) };
-            Some(PcapSink { w, local, srcs: &srcs, frame: Vec::new(), start: Instant::now() })
+            Some(PcapSink { w, local, srcs: &srcs, frame: Vec::new() })
         }
         None => None,
     };
