@@ -34,6 +34,9 @@ pub struct CopyBenchArgs {
     /// Runs of each variant (interleaved: A B C D A B C D ...).
     #[arg(long, default_value_t = 5)]
     pub runs: u32,
+    /// Run only these variants (comma separated; for profiling one path). Ratios need all.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(VARIANTS))]
+    pub only: Vec<String>,
     #[command(flatten)]
     pub ifq: IfqArgs,
     /// Print one JSON object instead of a table.
@@ -59,29 +62,40 @@ fn copy(a: &CopyBenchArgs) -> Result<(), String> {
         return Err(format!("--write-size must be between 1 and 64M, got {}", a.write_size));
     }
     a.ifq.reg()?;
-    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
-    let bar = crate::progress::bytes_bar(a.bytes * a.runs as u64 * VARIANTS.len() as u64, a.json);
+    let chosen: Vec<usize> =
+        (0..VARIANTS.len()).filter(|&v| a.only.is_empty() || a.only.iter().any(|o| o == VARIANTS[v])).collect();
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); VARIANTS.len()];
+    let bar = crate::progress::bytes_bar(a.bytes * a.runs as u64 * chosen.len() as u64, a.json);
     for _ in 0..a.runs {
-        for (v, name) in VARIANTS.iter().enumerate() {
-            let s = one_run(a, name)?;
-            secs[v].push(s);
+        for &v in &chosen {
+            runs[v].push(one_run(a, VARIANTS[v])?);
             bar.inc(a.bytes);
         }
     }
     bar.finish_and_clear();
-    let med: Vec<f64> = secs.iter().map(|s| median(s)).collect();
-    let gbps: Vec<f64> = med.iter().map(|s| a.bytes as f64 * 8.0 / s / 1e9).collect();
-    let best_base = gbps[0].max(gbps[1]);
-    let ratios = json!({
-        "nodev_readv_vs_read_cycle": gbps[2] / gbps[1],
-        "nodev_uring_vs_best_baseline": gbps[3] / best_base,
-        "nodev_uring_vs_nodev_readv": gbps[3] / gbps[2],
-    });
+    let gib = a.bytes as f64 / (1u64 << 30) as f64;
+    // Per variant: median Gbit/s, and the receiving thread's CPU seconds per GiB (its own cost).
+    let gbps: Vec<f64> = runs.iter().map(|r| median(r.iter().map(|r| a.bytes as f64 * 8.0 / r.secs / 1e9))).collect();
+    let cpu: Vec<f64> = runs.iter().map(|r| median(r.iter().map(|r| r.cpu_secs / gib))).collect();
+    let ratio = |x: f64, y: f64| if x.is_finite() && y.is_finite() { x / y } else { f64::NAN };
+    let best = gbps[0].max(gbps[1]);
+    let ratios = [
+        ("nodev_readv_vs_read_cycle", ratio(gbps[2], gbps[1]), ratio(cpu[1], cpu[2])),
+        ("nodev_uring_vs_best_baseline", ratio(gbps[3], best), ratio(cpu[0].min(cpu[1]), cpu[3])),
+        ("nodev_uring_vs_nodev_readv", ratio(gbps[3], gbps[2]), ratio(cpu[2], cpu[3])),
+    ];
     if a.json {
-        let variants: Vec<_> = VARIANTS
+        let variants: Vec<_> = chosen
             .iter()
-            .enumerate()
-            .map(|(v, n)| json!({"name": n, "median_gbit_per_s": gbps[v], "seconds": secs[v]}))
+            .map(|&v| {
+                json!({"name": VARIANTS[v], "median_gbit_per_s": gbps[v], "median_cpu_s_per_gib": cpu[v],
+                       "seconds": runs[v].iter().map(|r| r.secs).collect::<Vec<_>>(),
+                       "cpu_seconds": runs[v].iter().map(|r| r.cpu_secs).collect::<Vec<_>>()})
+            })
+            .collect();
+        let ratios: serde_json::Map<_, _> = ratios
+            .iter()
+            .map(|(n, t, c)| (n.to_string(), json!({"throughput": t, "cpu_efficiency": c})))
             .collect();
         println!(
             "{}",
@@ -90,31 +104,50 @@ fn copy(a: &CopyBenchArgs) -> Result<(), String> {
                    "variants": variants, "ratios": ratios})
         );
     } else {
-        println!("zcrx bench copy: {} bytes per run, {}-byte writes, {} interleaved runs each, medians", a.bytes, a.write_size, a.runs);
-        for (v, n) in VARIANTS.iter().enumerate() {
-            let (lo, hi) = min_max(&secs[v]);
-            println!("  {n:<12} {:>7.2} Gbit/s   (runs {:.2}..{:.2})", gbps[v], a.bytes as f64 * 8.0 / hi / 1e9, a.bytes as f64 * 8.0 / lo / 1e9);
+        println!(
+            "zcrx bench copy: {} bytes per run, {}-byte writes, {} interleaved runs each, medians",
+            a.bytes, a.write_size, a.runs
+        );
+        println!("  {:<12} {:>12} {:>18}   {}", "variant", "Gbit/s", "rx CPU s/GiB", "Gbit/s of each run");
+        for &v in &chosen {
+            let each: Vec<String> =
+                runs[v].iter().map(|r| format!("{:.2}", a.bytes as f64 * 8.0 / r.secs / 1e9)).collect();
+            println!("  {:<12} {:>12.2} {:>18.3}   {}", VARIANTS[v], gbps[v], cpu[v], each.join(" "));
         }
-        println!("  ratio nodev-readv / read-cycle         {:.3}", gbps[2] / gbps[1]);
-        println!("  ratio nodev-uring / best baseline      {:.3}", gbps[3] / best_base);
-        println!("  ratio nodev-uring / nodev-readv        {:.3}", gbps[3] / gbps[2]);
+        println!("  ratios (throughput, receiver CPU efficiency; > 1: the first is better):");
+        for (n, t, c) in ratios {
+            if t.is_finite() {
+                println!("    {n:<30} {t:.3}  {c:.3}");
+            }
+        }
     }
     Ok(())
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    secs: f64,
+    /// CPU time of the receiving thread (user + system, including the kernel's copy).
+    cpu_secs: f64,
+}
+
+fn median(it: impl Iterator<Item = f64>) -> f64 {
+    let mut s: Vec<f64> = it.collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
     if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
 }
 
-fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+fn thread_cpu_secs() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// One run of one variant: seconds from the accepted connection to end of stream.
-fn one_run(a: &CopyBenchArgs, variant: &str) -> Result<f64, String> {
+fn one_run(a: &CopyBenchArgs, variant: &str) -> Result<Run, String> {
     // Everything the receiver needs is set up before the sender starts.
     let mut cycle = None;
     let mut ifq = None;
@@ -134,6 +167,7 @@ fn one_run(a: &CopyBenchArgs, variant: &str) -> Result<f64, String> {
     let tx = sender::spawn_tcp(addr, a.bytes, a.write_size as usize, Payload::Repeat);
     let (mut sock, _): (TcpStream, _) = l.accept().map_err(|e| e.to_string())?;
     let start = Instant::now();
+    let cpu0 = thread_cpu_secs();
     let got = match variant {
         "read-64k" => {
             let mut buf = vec![0u8; READ_LEN];
@@ -166,11 +200,12 @@ fn one_run(a: &CopyBenchArgs, variant: &str) -> Result<f64, String> {
         _ => unreachable!("unknown variant"),
     };
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = thread_cpu_secs() - cpu0;
     let sent = tx.join().map_err(|_| "sender panicked".to_string())?.map_err(|e| format!("sender: {e}"))?;
     if got != sent {
         return Err(format!("{variant}: sent {sent} bytes but received {got}"));
     }
-    Ok(secs)
+    Ok(Run { secs, cpu_secs })
 }
 
 fn read_all(sock: &mut TcpStream, mut read: impl FnMut(&mut TcpStream) -> std::io::Result<usize>) -> Result<u64, String> {
