@@ -129,7 +129,7 @@ pub struct Ifq {
     state: Vec<NiovState>,
     /// Free buffers, used as a stack so the most recently returned (cache-warm) goes out first.
     free: Vec<u32>,
-    posted: u32,
+    /// Buffers held by the user; posted ones are what is neither free nor held.
     user: u32,
     rq: Consumer<Rqe>,
     cq: Producer<Cqe>,
@@ -147,7 +147,7 @@ impl std::fmt::Debug for Ifq {
             .field("reg", &self.reg)
             .field("area", &self.area)
             .field("free", &self.free.len())
-            .field("posted", &self.posted)
+            .field("posted", &self.posted_count())
             .field("user", &self.user)
             .finish()
     }
@@ -250,7 +250,6 @@ impl Ifq {
         let ifq = Ifq {
             state: vec![NiovState::Free; n as usize],
             free,
-            posted: 0,
             user: 0,
             rq: rq_c,
             cq: cq_p,
@@ -279,7 +278,7 @@ impl Ifq {
         self.free.len() as u32
     }
     pub fn posted_count(&self) -> u32 {
-        self.posted
+        self.area.num_niovs() - self.free.len() as u32 - self.user
     }
     pub fn user_count(&self) -> u32 {
         self.user
@@ -297,7 +296,6 @@ impl Ifq {
     pub fn take_free(&mut self) -> Option<u32> {
         let i = self.free.pop()?;
         self.state[i as usize] = NiovState::Posted;
-        self.posted += 1;
         Some(i)
     }
 
@@ -306,7 +304,6 @@ impl Ifq {
     pub fn put_back(&mut self, i: u32) {
         debug_assert_eq!(self.state[i as usize], NiovState::Posted);
         self.state[i as usize] = NiovState::Free;
-        self.posted -= 1;
         self.free.push(i);
     }
 
@@ -330,7 +327,6 @@ impl Ifq {
             return Err(());
         }
         self.state[i as usize] = NiovState::User;
-        self.posted -= 1;
         self.user += 1;
         if copied {
             self.stats.copy_count += 1;
