@@ -189,13 +189,13 @@ fn one_run(a: &CopyBenchArgs, variant: &str) -> Result<Run, String> {
             let (ifq, user) = ifq.take().expect("set up above");
             let limits = CopyLimits { max_bufs: (READ_LEN / a.ifq.rx_buf_len as usize).max(1), ..Default::default() };
             let stop = AtomicBool::new(false);
-            receive::run_inline(ifq, user, &mut |q| q.copy_stream(sock.as_fd(), &limits), &mut Discard, &mut |_| {}, &stop)?.bytes
+            receive::run_inline(Box::new(receive::CopySide { ifq, fill: |q: &mut Ifq| q.copy_stream(sock.as_fd(), &limits) }), user, &mut Discard, &mut |_| {}, &stop)?.bytes
         }
         "nodev-uring" => {
             let (ifq, user) = ifq.take().expect("set up above");
             let mut uc = UringCopy::new(&ifq, sock.as_fd(), SocketKind::Stream, 4096).map_err(|e| e.to_string())?;
             let stop = AtomicBool::new(false);
-            receive::run_inline(ifq, user, &mut |q| uc.fill(q, true), &mut Discard, &mut |_| {}, &stop)?.bytes
+            receive::run_inline(Box::new(receive::CopySide { ifq, fill: |q: &mut Ifq| uc.fill(q, true) }), user, &mut Discard, &mut |_| {}, &stop)?.bytes
         }
         _ => unreachable!("unknown variant"),
     };

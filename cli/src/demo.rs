@@ -69,20 +69,20 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
     let run: RunStats = match (a.method, a.threaded) {
         (Method::Readv, false) => {
             let limits = CopyLimits::default();
-            receive::run_inline(ifq, user, &mut |q| q.copy_stream(sock.as_fd(), &limits), &mut sink, &mut progress, &stop)?
+            receive::run_inline(Box::new(receive::CopySide { ifq, fill: |q: &mut Ifq| q.copy_stream(sock.as_fd(), &limits) }), user, &mut sink, &mut progress, &stop)?
         }
         (Method::Readv, true) => {
             let limits = CopyLimits::default();
             let s = sock.try_clone().map_err(|e| e.to_string())?;
-            receive::run_threaded(ifq, user, Box::new(move |q| q.copy_stream(s.as_fd(), &limits)), &mut sink, &mut progress, stop)?
+            receive::run_threaded(Box::new(receive::CopySide { ifq, fill: move |q: &mut Ifq| q.copy_stream(s.as_fd(), &limits) }), user, &mut sink, &mut progress, stop)?
         }
         (Method::Uring, false) => {
             let mut uc = UringCopy::new(&ifq, sock.as_fd(), SocketKind::Stream, 4096).map_err(|e| e.to_string())?;
-            receive::run_inline(ifq, user, &mut |q| uc.fill(q, true), &mut sink, &mut progress, &stop)?
+            receive::run_inline(Box::new(receive::CopySide { ifq, fill: |q: &mut Ifq| uc.fill(q, true) }), user, &mut sink, &mut progress, &stop)?
         }
         (Method::Uring, true) => {
             let mut uc = UringCopy::new(&ifq, sock.as_fd(), SocketKind::Stream, 4096).map_err(|e| e.to_string())?;
-            receive::run_threaded(ifq, user, Box::new(move |q| uc.fill(q, true)), &mut sink, &mut progress, stop)?
+            receive::run_threaded(Box::new(receive::CopySide { ifq, fill: move |q: &mut Ifq| uc.fill(q, true) }), user, &mut sink, &mut progress, stop)?
         }
     };
     let secs = start.elapsed().as_secs_f64();

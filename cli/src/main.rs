@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod frames;
 mod opts;
 mod progress;
 mod receive;

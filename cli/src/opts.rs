@@ -63,9 +63,9 @@ pub struct IfqArgs {
     /// Refill queue entries (power of two, at most 32768).
     #[arg(long, default_value_t = 4096)]
     pub rq_entries: u32,
-    /// Area memory.
-    #[arg(long, value_enum, default_value_t = Memory::Anon)]
-    pub memory: Memory,
+    /// Area memory [default: anon, memfd with --vhost-user].
+    #[arg(long, value_enum)]
+    pub memory: Option<Memory>,
     /// Charge the area against this many bytes instead of RLIMIT_MEMLOCK.
     #[arg(long, value_parser = parse_size)]
     pub memlock_limit: Option<u64>,
@@ -76,7 +76,7 @@ impl IfqArgs {
         let rx_buf_len = u32::try_from(self.rx_buf_len)
             .map_err(|_| format!("--rx-buf-len {} is too large", self.rx_buf_len))?;
         let len = usize::try_from(self.area_size).map_err(|_| "area too large".to_string())?;
-        let kind = match self.memory {
+        let kind = match self.memory.unwrap_or(Memory::Anon) {
             Memory::Anon => MemoryKind::Anonymous,
             Memory::Memfd => MemoryKind::Memfd,
             Memory::Hugetlb => MemoryKind::HugetlbMemfd { page_size: 2 << 20 },

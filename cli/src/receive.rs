@@ -1,8 +1,7 @@
 //! The application side of receiving, shared by every subcommand: take completions, hand the
 //! bytes to a sink in place, return the buffers. Inline (one thread polls both sides) or with a
-//! receive thread that owns the ifq.
+//! receive thread that owns the receive side.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +21,48 @@ pub struct Discard;
 impl Sink for Discard {
     fn data(&mut self, _: &[u8], _: &Cqe) -> Result<(), String> {
         Ok(())
+    }
+}
+
+/// What one step of a receive side did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Data,
+    /// Nothing this time (no data, or back pressure).
+    Idle,
+    /// The source ended.
+    Eof,
+}
+
+/// A receive side: NODEV copy from a socket, or a device's rx queue.
+pub trait RxSide {
+    /// Receive what is there (may block briefly, e.g. in a socket read).
+    fn step(&mut self) -> Result<Step, String>;
+    /// Serve the user's flush_rq request now (inline mode, refill queue full).
+    fn serve_flush(&mut self);
+    /// Close; every buffer is accounted for.
+    fn finish(self: Box<Self>) -> IfqStats;
+}
+
+/// NODEV: an ifq and a function that copies into it.
+pub struct CopySide<F> {
+    pub ifq: Ifq,
+    pub fill: F,
+}
+
+impl<F: FnMut(&mut Ifq) -> std::io::Result<CopyOutcome>> RxSide for CopySide<F> {
+    fn step(&mut self) -> Result<Step, String> {
+        Ok(match (self.fill)(&mut self.ifq).map_err(|e| format!("receive failed: {e}"))? {
+            CopyOutcome::Data { .. } => Step::Data,
+            CopyOutcome::Eof => Step::Eof,
+            _ => Step::Idle,
+        })
+    }
+    fn serve_flush(&mut self) {
+        self.ifq.poll_flush_request();
+    }
+    fn finish(self: Box<Self>) -> IfqStats {
+        self.ifq.close()
     }
 }
 
@@ -61,11 +102,10 @@ fn drain(
     Ok((bytes, n as u64))
 }
 
-/// One thread drives both sides: `fill` runs the receive side until it reports EOF.
+/// One thread drives both sides until the source ends or `stop` is set.
 pub fn run_inline(
-    mut ifq: Ifq,
+    mut rx: Box<dyn RxSide + '_>,
     mut user: IfqUser,
-    fill: &mut dyn FnMut(&mut Ifq) -> io::Result<CopyOutcome>,
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(u64),
     stop: &AtomicBool,
@@ -74,14 +114,11 @@ pub fn run_inline(
     let mut run = RunStats::default();
     let mut eof = false;
     while !eof && !stop.load(Ordering::Relaxed) {
-        match fill(&mut ifq).map_err(|e| format!("receive failed: {e}"))? {
-            CopyOutcome::Eof => eof = true,
-            _ => {}
-        }
+        eof = rx.step()? == Step::Eof;
         loop {
             let (b, n) = drain(&mut user, &mut cqes, sink, &mut |u| {
                 u.flush_rq();
-                ifq.poll_flush_request();
+                rx.serve_flush();
             })?;
             run.bytes += b;
             run.completions += n;
@@ -91,15 +128,14 @@ pub fn run_inline(
         }
         progress(run.bytes);
     }
-    run.stats = ifq.close();
+    run.stats = rx.finish();
     Ok(run)
 }
 
-/// A receive thread owns the ifq and runs `fill`; this thread consumes and refills.
+/// A receive thread owns the receive side; this thread consumes and refills.
 pub fn run_threaded(
-    ifq: Ifq,
+    rx: Box<dyn RxSide + Send>,
     mut user: IfqUser,
-    mut fill: Box<dyn FnMut(&mut Ifq) -> io::Result<CopyOutcome> + Send>,
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(u64),
     stop: Arc<AtomicBool>,
@@ -110,20 +146,20 @@ pub fn run_threaded(
     let rx = std::thread::Builder::new()
         .name("zcrx-rx".into())
         .spawn(move || -> Result<IfqStats, String> {
-            let mut ifq = ifq;
+            let mut rx = rx;
             let backoff = Backoff::new();
             let r = loop {
                 if rx_stop.load(Ordering::Relaxed) {
                     break Ok(());
                 }
-                match fill(&mut ifq) {
-                    Ok(CopyOutcome::Eof) => break Ok(()),
-                    Ok(CopyOutcome::Data { .. }) => backoff.reset(),
-                    Ok(_) => backoff.snooze(),
-                    Err(e) => break Err(format!("receive failed: {e}")),
+                match rx.step() {
+                    Ok(Step::Eof) => break Ok(()),
+                    Ok(Step::Data) => backoff.reset(),
+                    Ok(Step::Idle) => backoff.snooze(),
+                    Err(e) => break Err(e),
                 }
             };
-            let stats = ifq.close();
+            let stats = rx.finish();
             rx_done.store(true, Ordering::Release);
             r.map(|()| stats)
         })

@@ -19,8 +19,15 @@ use crate::receive::{self, Discard, Sink};
 #[derive(Args, Debug)]
 pub struct RxArgs {
     /// Device-less mode: data comes from a kernel socket through the copy fallback.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "vhost_user")]
     pub nodev: bool,
+    /// Zero copy from a vhost-user-net backend listening on this socket (our driver is the
+    /// frontend; the backend writes frames straight into the area).
+    #[arg(long, value_name = "SOCKET")]
+    pub vhost_user: Option<std::path::PathBuf>,
+    /// Verify frames made by `zcrx backend --mode gen` with this seed.
+    #[arg(long)]
+    pub verify_seed: Option<u64>,
     /// Address to listen on (TCP: accept one connection; UDP: bind).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -30,7 +37,7 @@ pub struct RxArgs {
     /// Write what was received to this pcap file (UDP).
     #[arg(long)]
     pub pcap: Option<std::path::PathBuf>,
-    /// Stop after this many datagrams (UDP).
+    /// Stop after this many datagrams (UDP) or frames (--vhost-user).
     #[arg(long)]
     pub count: Option<u64>,
     /// Stop after this many seconds.
@@ -96,8 +103,14 @@ impl Sink for PcapSink<'_> {
 }
 
 pub fn run(a: &RxArgs) -> Result<(), String> {
+    if let Some(path) = &a.vhost_user {
+        return rx_vhost_user(a, path);
+    }
     if !a.nodev {
-        return Err("choose a mode: --nodev (device-less copy mode) is the one available".into());
+        return Err("choose a mode: --nodev (copy from a kernel socket) or --vhost-user SOCKET (zero copy)".into());
+    }
+    if a.verify_seed.is_some() {
+        return Err("--verify-seed needs --vhost-user".into());
     }
     let listen = a.listen.ok_or("--listen ADDR is required with --nodev")?;
     if a.pcap.is_some() && !a.udp {
@@ -163,11 +176,11 @@ fn rx_tcp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadlin
     };
     let limits = CopyLimits::default();
     match a.method {
-        Method::Readv => receive::run_inline(ifq, user, &mut |q| q.copy_stream(sock.as_fd(), &limits), &mut Discard, &mut check, &stop),
+        Method::Readv => receive::run_inline(Box::new(receive::CopySide { ifq, fill: |q: &mut Ifq| q.copy_stream(sock.as_fd(), &limits) }), user, &mut Discard, &mut check, &stop),
         Method::Uring => {
             let mut uc = UringCopy::new(&ifq, sock.as_fd(), SocketKind::Stream, 4096).map_err(|e| e.to_string())?;
             let wait = deadline.is_none();
-            receive::run_inline(ifq, user, &mut |q| uc.fill(q, wait), &mut Discard, &mut check, &stop)
+            receive::run_inline(Box::new(receive::CopySide { ifq, fill: |q: &mut Ifq| uc.fill(q, wait) }), user, &mut Discard, &mut check, &stop)
         }
     }
 }
@@ -228,11 +241,103 @@ fn rx_udp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadlin
         }
     };
     let run = match pcap.as_mut() {
-        Some(p) => receive::run_inline(ifq, user, &mut fill, p, &mut check, &stop)?,
-        None => receive::run_inline(ifq, user, &mut fill, &mut Discard, &mut check, &stop)?,
+        Some(p) => receive::run_inline(Box::new(receive::CopySide { ifq, fill: &mut fill }), user, p, &mut check, &stop)?,
+        None => receive::run_inline(Box::new(receive::CopySide { ifq, fill: &mut fill }), user, &mut Discard, &mut check, &stop)?,
     };
     if let Some(mut p) = pcap {
         p.w.flush().map_err(|e| format!("pcap: {e}"))?;
     }
     Ok((run, datagrams.get()))
+}
+
+fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
+    use crate::frames::{DeviceSide, FrameSink};
+    if a.listen.is_some() || a.udp {
+        return Err("--listen and --udp are for --nodev; --vhost-user receives frames from the backend".into());
+    }
+    if a.method != Method::Readv {
+        return Err("--method chooses how NODEV reads a socket; it means nothing with --vhost-user".into());
+    }
+    if let Some(d) = a.duration {
+        if !(d > 0.0 && d.is_finite()) {
+            return Err(format!("--duration must be a positive number of seconds, got {d}"));
+        }
+    }
+    let (mut reg, mut area) = a.ifq.reg()?;
+    reg.flags &= !zcrx::uapi::ZCRX_REG_NODEV;
+    if a.ifq.memory.is_none() {
+        // Shared with the backend by fd.
+        if let zcrx::AreaSource::Allocate { kind, .. } = &mut area.memory {
+            *kind = zcrx::MemoryKind::Memfd;
+        }
+    }
+    let pcap = match &a.pcap {
+        Some(p) => {
+            let f = std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            Some(traffic::pcap::PcapWriter::new(BufWriter::new(f), traffic::pcap::LINKTYPE_ETHERNET, traffic::pcap::DEFAULT_SNAPLEN)
+                .map_err(|e| format!("pcap: {e}"))?)
+        }
+        None => None,
+    };
+    let verify = match a.verify_seed {
+        Some(seed) => Some(traffic::FrameVerifier::new(seed, traffic::frame::MIN_FRAME_LEN, traffic::frame::MAX_FRAME_LEN).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
+    let (rx, user) = driver::register_ifq(Box::new(transport), reg, area, driver::NetConfig::default()).map_err(|e| e.to_string())?;
+    install_stop_handler();
+    let mut sink = FrameSink::new(verify, pcap);
+    let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let frames = std::cell::Cell::new(0u64);
+    let count = a.count;
+    let run = {
+        let sink_ref = &mut sink;
+        struct Counting<'a> { inner: &'a mut FrameSink, frames: &'a std::cell::Cell<u64> }
+        impl Sink for Counting<'_> {
+            fn data(&mut self, bytes: &[u8], c: &Cqe) -> Result<(), String> {
+                let r = self.inner.data(bytes, c);
+                self.frames.set(self.inner.frames);
+                r
+            }
+        }
+        let mut s = Counting { inner: sink_ref, frames: &frames };
+        let mut check = |_: u64| {
+            if count.is_some_and(|c| frames.get() >= c) || STOP.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        };
+        receive::run_inline(Box::new(DeviceSide { rx }), user, &mut s, &mut check, &stop)?
+    };
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(w) = sink.pcap.as_mut() {
+        w.flush().map_err(|e| format!("pcap: {e}"))?;
+    }
+    let s = run.stats;
+    let v = sink.verify.as_ref().map(|v| v.stats());
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "mode": "vhost-user-zc", "frames": sink.frames, "bytes": run.bytes, "completions": run.completions,
+                "seconds": secs, "mpps": sink.frames as f64 / secs / 1e6, "gbit_per_s": run.bytes as f64 * 8.0 / secs / 1e9,
+                "zc_count": s.zc_count, "zc_bytes": s.zc_bytes, "copy_count": s.copy_count,
+                "invalid_rqes": s.invalid_rqes, "refilled": s.refilled,
+                "verified": v.map(|v| v.unique), "corrupted": sink.corrupted, "lost": v.map(|v| v.lost),
+                "first_error": sink.first_error,
+            })
+        );
+    } else {
+        println!("received {} frames, {} bytes zero-copy in {:.2} s ({:.3} Mpps, {:.3} Gbit/s)", sink.frames, run.bytes, secs,
+            sink.frames as f64 / secs / 1e6, run.bytes as f64 * 8.0 / secs / 1e9);
+        println!("zc_count {} zc_bytes {} copy_count {} refilled {} invalid_rqes {}", s.zc_count, s.zc_bytes, s.copy_count, s.refilled, s.invalid_rqes);
+        if let Some(v) = v {
+            println!("verified {} frames, corrupted {}, lost {}, reordered {}", v.unique, sink.corrupted, v.lost, v.reordered);
+        }
+    }
+    if let Some(e) = sink.first_error {
+        return Err(format!("verification failed: {e}"));
+    }
+    Ok(())
 }

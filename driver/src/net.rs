@@ -311,6 +311,7 @@ impl NetRx {
     /// Post free niovs on the rx queue. With a device the refill queue is consumed here, as the
     /// kernel's page pool does: nobody has to call `flush_rq` unless the RQ overflows.
     pub fn refill(&mut self) {
+        self.ifq.poll_flush_request();
         let want = self.dev.rx.free_descriptors() as u32;
         if want == 0 || self.dev.rx.is_broken() {
             return;
