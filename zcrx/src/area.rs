@@ -297,10 +297,23 @@ impl Area {
     /// The device's address (IOVA) of niov `i`; `None` when the area is not DMA mapped.
     #[inline]
     pub fn niov_dma(&self, i: u32) -> Option<u64> {
+        self.dma_addr((i as usize) << self.niov_shift)
+    }
+    /// Process address of the byte at `offset` (not checked beyond a debug assertion).
+    #[inline]
+    pub fn ptr_at(&self, offset: usize) -> *mut u8 {
+        debug_assert!(offset < self.mem.len());
+        // SAFETY: callers stay inside the area (checked in debug builds).
+        unsafe { self.mem.ptr().as_ptr().add(offset) }
+    }
+    /// The device's address of the byte at `offset`; `None` when unmapped or out of range.
+    pub fn dma_addr(&self, offset: usize) -> Option<u64> {
         let d = self.dma.as_ref()?;
-        let off = (i as usize) << self.niov_shift;
-        let (iova, _) = d.segs[off / d.seg_len];
-        Some(iova + (off % d.seg_len) as u64)
+        if offset >= self.mem.len() {
+            return None;
+        }
+        let (iova, _) = d.segs[offset / d.seg_len];
+        Some(iova + (offset % d.seg_len) as u64)
     }
     /// Whether the area was DMA mapped for a device.
     pub fn is_mapped(&self) -> bool {
