@@ -9,16 +9,41 @@ use zcrx::{Cqe, IfqStats};
 
 use crate::receive::{RxSide, Sink, Step};
 
-/// The device's rx queue as a receive side; gives up after `idle_limit` empty polls in a row
-/// only if asked to (for runs that end when the sender stops).
+/// The device's rx queue as a receive side. When the device goes away it says so once and
+/// then tries to reach it again every 100 ms (no buffer is lost meanwhile: the ones the device
+/// had are back in the free list, the user's stay the user's).
 pub struct DeviceSide {
     pub rx: NetRx,
+    pub gone: bool,
+    pub reconnects: u64,
+}
+
+impl DeviceSide {
+    pub fn new(rx: NetRx) -> Self {
+        Self { rx, gone: false, reconnects: 0 }
+    }
 }
 
 impl RxSide for DeviceSide {
     fn step(&mut self) -> Result<Step, String> {
-        let p = self.rx.poll().map_err(|e| e.to_string())?;
-        Ok(if p.completions != 0 { Step::Data } else { Step::Idle })
+        if self.gone {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if self.rx.reconnect().is_err() {
+                return Ok(Step::Idle);
+            }
+            eprintln!("zcrx: device is back, receiving again");
+            self.gone = false;
+            self.reconnects += 1;
+        }
+        match self.rx.poll() {
+            Ok(p) => Ok(if p.completions != 0 { Step::Data } else { Step::Idle }),
+            Err(e @ driver::NetError::Gone(_)) => {
+                eprintln!("zcrx: {e}; waiting for it to come back");
+                self.gone = true;
+                Ok(Step::Idle)
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
     fn serve_flush(&mut self) {
         self.rx.refill();

@@ -308,7 +308,7 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
                 stop.store(true, Ordering::Relaxed);
             }
         };
-        receive::run_inline(Box::new(DeviceSide { rx }), user, &mut s, &mut check, &stop)?
+        receive::run_inline(Box::new(DeviceSide::new(rx)), user, &mut s, &mut check, &stop)?
     };
     let secs = start.elapsed().as_secs_f64();
     if let Some(w) = sink.pcap.as_mut() {

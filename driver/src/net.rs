@@ -49,6 +49,10 @@ pub enum NetError {
     Device { queue: &'static str, err: DeviceError },
     #[error("the device wrote a bad virtio-net header ({0}); the queue was stopped and every buffer taken back")]
     BadHeader(String),
+    #[error("the device came back with features {offered:#x}, without some of {had:#x} we use")]
+    FeaturesChanged { had: u64, offered: u64 },
+    #[error("the device is gone ({0}); every buffer was taken back, reconnect to go on")]
+    Gone(String),
     #[error("frame of {len} bytes does not fit a tx buffer of {max}")]
     FrameTooLong { len: usize, max: usize },
 }
@@ -153,22 +157,7 @@ impl VirtioNet {
         let rx = unsafe { SplitQueue::new(size, qmem(0), event_idx)? };
         // SAFETY: as above.
         let tx = unsafe { SplitQueue::new(size, qmem(qlen), event_idx)? };
-        for (q, vq) in [(RXQ, &rx), (TXQ, &tx)] {
-            transport.setup_queue(q, &queue_addrs(vq))?;
-        }
-        let mac = if features & bit(VIRTIO_NET_F_MAC) != 0 {
-            let mut m = [0u8; 6];
-            transport.read_config(0, &mut m).ok().map(|()| m)
-        } else {
-            None
-        };
-        transport.start()?;
-        let mut rx = rx;
-        let mut tx = tx;
-        // We poll: no interrupts wanted.
-        rx.set_interrupts(false);
-        tx.set_interrupts(false);
-        Ok(Self {
+        let mut dev = Self {
             rx,
             tx,
             tx_free: (0..cfg.tx_buffers).rev().collect(),
@@ -176,10 +165,41 @@ impl VirtioNet {
             tx_base,
             cfg,
             features,
-            mac,
+            mac: None,
             transport,
             stats: NetStats::default(),
-        })
+        };
+        dev.activate()?;
+        Ok(dev)
+    }
+
+    /// Announce the (empty) queues, read the config, start the device.
+    fn activate(&mut self) -> Result<(), NetError> {
+        for (q, vq) in [(RXQ, &self.rx), (TXQ, &self.tx)] {
+            self.transport.setup_queue(q, &queue_addrs(vq))?;
+        }
+        if self.features & bit(VIRTIO_NET_F_MAC) != 0 {
+            let mut m = [0u8; 6];
+            self.mac = self.transport.read_config(0, &mut m).ok().map(|()| m);
+        }
+        self.transport.start()?;
+        // We poll: no interrupts wanted.
+        self.rx.set_interrupts(false);
+        self.tx.set_interrupts(false);
+        Ok(())
+    }
+
+    /// After the device went away: reach it again, renegotiate the same features, restart
+    /// with empty queues (every buffer was taken back when it went away).
+    fn reconnect(&mut self, on_rx: &mut dyn FnMut(u32)) -> Result<(), NetError> {
+        self.stop_queues(on_rx);
+        self.transport.reconnect()?;
+        let offered = self.transport.device_features()?;
+        if offered & self.features != self.features {
+            return Err(NetError::FeaturesChanged { had: self.features, offered });
+        }
+        self.transport.set_features(self.features)?;
+        self.activate()
     }
 
     pub fn features(&self) -> u64 {
@@ -275,7 +295,12 @@ pub struct NetRx {
     ifq: Ifq,
     /// Buffers still to come of the frame being completed (MRG_RXBUF).
     pending: u16,
+    /// Empty polls in a row; now and then they look whether the device is still there.
+    idle: u32,
 }
+
+/// Empty polls between two liveness checks (each costs a syscall).
+const IDLE_CHECK: u32 = 1 << 14;
 
 impl std::fmt::Debug for NetRx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -296,7 +321,7 @@ impl NetRx {
     /// Bind `ifq` (its area mapped through `dev`'s DMA context) to `dev`'s rx queue and post
     /// buffers.
     pub fn new(dev: VirtioNet, ifq: Ifq) -> Self {
-        let mut rx = Self { dev, ifq, pending: 0 };
+        let mut rx = Self { dev, ifq, pending: 0, idle: 0 };
         rx.refill();
         rx
     }
@@ -346,7 +371,7 @@ impl NetRx {
         let mut out = RxPoll { cq_full: space == 0, ..Default::default() };
         let mrg = self.dev.mrg_rxbuf();
         let max_bufs = self.dev.rx.size();
-        let Self { dev, ifq, pending } = self;
+        let Self { dev, ifq, pending, .. } = self;
         let mut bad_header = None;
         let r = dev.rx.poll_used(space, |u| {
             let i = u.token;
@@ -407,7 +432,32 @@ impl NetRx {
             return Err(e);
         }
         self.refill();
+        if out.completions == 0 {
+            self.idle += 1;
+            if self.idle >= IDLE_CHECK {
+                self.idle = 0;
+                if !self.dev.transport.is_alive() {
+                    let ifq = &mut self.ifq;
+                    self.dev.stop_queues(&mut |t| ifq.put_back(t));
+                    self.pending = 0;
+                    return Err(NetError::Gone(self.dev.transport.describe()));
+                }
+            }
+        } else {
+            self.idle = 0;
+        }
         Ok(out)
+    }
+
+    /// Reach a device that went away again and resume receiving into the same area; buffers
+    /// the user holds stay the user's.
+    pub fn reconnect(&mut self) -> Result<(), NetError> {
+        let ifq = &mut self.ifq;
+        self.dev.reconnect(&mut |t| ifq.put_back(t))?;
+        self.pending = 0;
+        self.idle = 0;
+        self.refill();
+        Ok(())
     }
 
     /// Stop the device, take every buffer back, and close the ifq (unmap, unlock, un-account).

@@ -60,4 +60,9 @@ pub trait Transport: Send {
     fn is_alive(&self) -> bool;
     /// Stop the device: when this returns it no longer touches queue or buffer memory.
     fn stop(&mut self);
+    /// Reach the device again after it went away. Features are negotiated again afterwards;
+    /// memory mapped through [`Transport::dma`] stays mapped (re-announced as needed).
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        Err(TransportError::Unsupported(format!("{} cannot reconnect", self.describe())))
+    }
 }

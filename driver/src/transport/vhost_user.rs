@@ -41,7 +41,8 @@ struct Region {
 /// The backend's memory table, kept here so it can be re-sent whole (SET_MEM_TABLE replaces
 /// the table) when a region comes or goes, or when we reconnect.
 pub struct MemoryTable {
-    fe: Frontend,
+    /// The current connection (replaced on reconnect).
+    fe: Mutex<Frontend>,
     regions: Mutex<Vec<Region>>,
     /// Once the device is stopped, unmapping only forgets regions (nobody to tell).
     stopped: std::sync::atomic::AtomicBool,
@@ -62,7 +63,8 @@ impl MemoryTable {
                 mmap_handle: r.fd.as_raw_fd(),
             })
             .collect();
-        self.fe.set_mem_table(&infos).map(|_| ()).map_err(|e| DmaError::new(format!("SET_MEM_TABLE: {e}")))
+        let fe = self.fe.lock().expect("frontend lock").clone();
+        fe.set_mem_table(&infos).map(|_| ()).map_err(|e| DmaError::new(format!("SET_MEM_TABLE: {e}")))
     }
 }
 
@@ -117,14 +119,12 @@ pub struct VhostUser {
 impl VhostUser {
     /// Connect to the backend listening on `path` and take ownership of it.
     pub fn connect(path: &Path) -> Result<Self, TransportError> {
-        let fe = Frontend::connect(path, NUM_QUEUES as u64)
-            .map_err(|e| TransportError::device("connect", format!("{}: {e}", path.display())))?;
-        fe.set_owner().map_err(err("SET_OWNER"))?;
+        let fe = Self::open(path)?;
         let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| TransportError::device("eventfd", e));
         let kick = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<Vec<_>, _>>()?;
         let call = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<Vec<_>, _>>()?;
         let mem = Arc::new(MemoryTable {
-            fe: fe.clone(),
+            fe: Mutex::new(fe.clone()),
             regions: Mutex::new(Vec::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
         });
@@ -138,6 +138,13 @@ impl VhostUser {
             protocol: VhostUserProtocolFeatures::empty(),
             started: false,
         })
+    }
+
+    fn open(path: &Path) -> Result<Frontend, TransportError> {
+        let fe = Frontend::connect(path, NUM_QUEUES as u64)
+            .map_err(|e| TransportError::device("connect", format!("{}: {e}", path.display())))?;
+        fe.set_owner().map_err(err("SET_OWNER"))?;
+        Ok(fe)
     }
 
     /// The eventfd the backend signals for queue `q` (interrupt mode).
@@ -172,6 +179,9 @@ impl Transport for VhostUser {
         }
         self.fe.set_features(f).map_err(err("SET_FEATURES"))?;
         self.features = f;
+        // After a reconnect the new backend gets the memory table we already have.
+        let regions = self.mem.regions.lock().expect("memory table lock");
+        self.mem.send(&regions).map_err(|e| TransportError::device("SET_MEM_TABLE", e))?;
         Ok(())
     }
 
@@ -252,6 +262,17 @@ impl Transport for VhostUser {
             Ok(n) => n == 0 || pfd[0].revents().is_empty(),
             Err(_) => false,
         }
+    }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        self.stop();
+        let fe = Self::open(&self.path)?;
+        *self.mem.fe.lock().expect("frontend lock") = fe.clone();
+        self.fe = fe;
+        self.protocol = VhostUserProtocolFeatures::empty();
+        self.features = 0;
+        self.mem.stopped.store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     fn stop(&mut self) {
