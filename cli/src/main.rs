@@ -1,5 +1,6 @@
 //! The `zcrx` command.
 
+mod backend;
 mod bench;
 mod demo;
 mod frames;
@@ -27,6 +28,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Receive from a real peer and print stats.
     Rx(rx::RxArgs),
+    /// Run our vhost-user-net backend (a software NIC): gen, sink, reflect or tap.
+    Backend(backend::BackendArgs),
     /// Benchmarks, each against its baselines in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Rx(a) => rx::run(a),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::Backend(a) => backend::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

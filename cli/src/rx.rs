@@ -28,6 +28,11 @@ pub struct RxArgs {
     /// Verify frames made by `zcrx backend --mode gen` with this seed.
     #[arg(long)]
     pub verify_seed: Option<u64>,
+    /// Frame length range of the generator being verified (as given to `zcrx backend`).
+    #[arg(long, default_value_t = 64)]
+    pub min_frame: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_frame: usize,
     /// Address to listen on (TCP: accept one connection; UDP: bind).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -55,13 +60,18 @@ pub struct RxArgs {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Ctrl-C or SIGTERM arrived.
+pub fn stopped() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
 /// Ctrl-C and SIGTERM end the run (the stats still print). No SA_RESTART, so a blocking read
 /// returns EINTR and the loop sees the flag.
-fn install_stop_handler() {
+pub fn install_stop_handler() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
         // async-signal-safe.
@@ -280,7 +290,7 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
         None => None,
     };
     let verify = match a.verify_seed {
-        Some(seed) => Some(traffic::FrameVerifier::new(seed, traffic::frame::MIN_FRAME_LEN, traffic::frame::MAX_FRAME_LEN).map_err(|e| e.to_string())?),
+        Some(seed) => Some(traffic::FrameVerifier::new(seed, a.min_frame, a.max_frame).map_err(|e| format!("--min-frame/--max-frame: {e}"))?),
         None => None,
     };
     let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
