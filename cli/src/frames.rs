@@ -53,27 +53,33 @@ impl RxSide for DeviceSide {
     }
 }
 
-/// Joins a frame's fragments; verifies generated frames; writes pcap; counts.
-pub struct FrameSink {
+/// Joins a frame's fragments; verifies generated frames; writes pcap; counts (in a cell the
+/// receive loop's stop condition can read while the sink is borrowed).
+pub struct FrameSink<'a> {
     pub verify: Option<FrameVerifier>,
     pub pcap: Option<traffic::pcap::PcapWriter<BufWriter<std::fs::File>>>,
-    pub frames: u64,
+    pub frames: &'a std::cell::Cell<u64>,
     pub corrupted: u64,
     pub first_error: Option<String>,
     frame: Vec<u8>,
 }
 
-impl FrameSink {
-    pub fn new(verify: Option<FrameVerifier>, pcap: Option<traffic::pcap::PcapWriter<BufWriter<std::fs::File>>>) -> Self {
-        Self { verify, pcap, frames: 0, corrupted: 0, first_error: None, frame: Vec::with_capacity(65536) }
+impl<'a> FrameSink<'a> {
+    pub fn new(
+        verify: Option<FrameVerifier>,
+        pcap: Option<traffic::pcap::PcapWriter<BufWriter<std::fs::File>>>,
+        frames: &'a std::cell::Cell<u64>,
+    ) -> Self {
+        Self { verify, pcap, frames, corrupted: 0, first_error: None, frame: Vec::with_capacity(65536) }
     }
 
     fn whole(&mut self, frame: &[u8]) -> Result<(), String> {
-        self.frames += 1;
+        let n = self.frames.get() + 1;
+        self.frames.set(n);
         if let Some(v) = self.verify.as_mut() {
             if let Err(e) = v.check(frame) {
                 self.corrupted += 1;
-                self.first_error.get_or_insert_with(|| format!("frame {}: {e}", self.frames));
+                self.first_error.get_or_insert_with(|| format!("frame {n}: {e}"));
             }
         }
         if let Some(w) = self.pcap.as_mut() {
@@ -84,7 +90,7 @@ impl FrameSink {
     }
 }
 
-impl Sink for FrameSink {
+impl Sink for FrameSink<'_> {
     fn data(&mut self, bytes: &[u8], c: &Cqe) -> Result<(), String> {
         if self.frame.is_empty() && !c.is_continued() {
             // The common case: a whole frame in one buffer, checked in place.
@@ -100,4 +106,35 @@ impl Sink for FrameSink {
         self.frame.clear();
         r
     }
+}
+
+/// Receive frames zero-copy from the vhost-user backend at `path` until `count` frames, the
+/// deadline, or Ctrl-C. Returns the run and its duration in seconds.
+pub fn receive_vhost_user(
+    path: &std::path::Path,
+    reg: zcrx::IfqReg,
+    area: zcrx::AreaReg,
+    sink: &mut FrameSink<'_>,
+    count: Option<u64>,
+    deadline: Option<std::time::Instant>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(crate::receive::RunStats, f64), String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
+    let (rx, user) =
+        driver::register_ifq(Box::new(transport), reg, area, driver::NetConfig::default()).map_err(|e| e.to_string())?;
+    let stop = AtomicBool::new(false);
+    let frames = sink.frames;
+    let start = std::time::Instant::now();
+    let mut check = |b: u64| {
+        progress(b);
+        let now_done = count.is_some_and(|c| frames.get() >= c)
+            || crate::rx::stopped()
+            || deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        if now_done {
+            stop.store(true, Ordering::Relaxed);
+        }
+    };
+    let run = crate::receive::run_inline(Box::new(DeviceSide::new(rx)), user, sink, &mut check, &stop)?;
+    Ok((run, start.elapsed().as_secs_f64()))
 }

@@ -261,7 +261,7 @@ fn rx_udp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadlin
 }
 
 fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
-    use crate::frames::{DeviceSide, FrameSink};
+    use crate::frames::FrameSink;
     if a.listen.is_some() || a.udp {
         return Err("--listen and --udp are for --nodev; --vhost-user receives frames from the backend".into());
     }
@@ -293,34 +293,11 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
         Some(seed) => Some(traffic::FrameVerifier::new(seed, a.min_frame, a.max_frame).map_err(|e| format!("--min-frame/--max-frame: {e}"))?),
         None => None,
     };
-    let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
-    let (rx, user) = driver::register_ifq(Box::new(transport), reg, area, driver::NetConfig::default()).map_err(|e| e.to_string())?;
     install_stop_handler();
-    let mut sink = FrameSink::new(verify, pcap);
-    let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let stop = AtomicBool::new(false);
-    let start = Instant::now();
     let frames = std::cell::Cell::new(0u64);
-    let count = a.count;
-    let run = {
-        let sink_ref = &mut sink;
-        struct Counting<'a> { inner: &'a mut FrameSink, frames: &'a std::cell::Cell<u64> }
-        impl Sink for Counting<'_> {
-            fn data(&mut self, bytes: &[u8], c: &Cqe) -> Result<(), String> {
-                let r = self.inner.data(bytes, c);
-                self.frames.set(self.inner.frames);
-                r
-            }
-        }
-        let mut s = Counting { inner: sink_ref, frames: &frames };
-        let mut check = |_: u64| {
-            if count.is_some_and(|c| frames.get() >= c) || STOP.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
-                stop.store(true, Ordering::Relaxed);
-            }
-        };
-        receive::run_inline(Box::new(DeviceSide::new(rx)), user, &mut s, &mut check, &stop)?
-    };
-    let secs = start.elapsed().as_secs_f64();
+    let mut sink = FrameSink::new(verify, pcap, &frames);
+    let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let (run, secs) = crate::frames::receive_vhost_user(path, reg, area, &mut sink, a.count, deadline, &mut |_| {})?;
     if let Some(w) = sink.pcap.as_mut() {
         w.flush().map_err(|e| format!("pcap: {e}"))?;
     }
@@ -330,8 +307,8 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
         println!(
             "{}",
             json!({
-                "mode": "vhost-user-zc", "frames": sink.frames, "bytes": run.bytes, "completions": run.completions,
-                "seconds": secs, "mpps": sink.frames as f64 / secs / 1e6, "gbit_per_s": run.bytes as f64 * 8.0 / secs / 1e9,
+                "mode": "vhost-user-zc", "frames": frames.get(), "bytes": run.bytes, "completions": run.completions,
+                "seconds": secs, "mpps": frames.get() as f64 / secs / 1e6, "gbit_per_s": run.bytes as f64 * 8.0 / secs / 1e9,
                 "zc_count": s.zc_count, "zc_bytes": s.zc_bytes, "copy_count": s.copy_count,
                 "invalid_rqes": s.invalid_rqes, "refilled": s.refilled,
                 "verified": v.map(|v| v.unique), "corrupted": sink.corrupted, "lost": v.map(|v| v.lost),
@@ -339,8 +316,8 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
             })
         );
     } else {
-        println!("received {} frames, {} bytes zero-copy in {:.2} s ({:.3} Mpps, {:.3} Gbit/s)", sink.frames, run.bytes, secs,
-            sink.frames as f64 / secs / 1e6, run.bytes as f64 * 8.0 / secs / 1e9);
+        println!("received {} frames, {} bytes zero-copy in {:.2} s ({:.3} Mpps, {:.3} Gbit/s)", frames.get(), run.bytes, secs,
+            frames.get() as f64 / secs / 1e6, run.bytes as f64 * 8.0 / secs / 1e9);
         println!("zc_count {} zc_bytes {} copy_count {} refilled {} invalid_rqes {}", s.zc_count, s.zc_bytes, s.copy_count, s.refilled, s.invalid_rqes);
         if let Some(v) = v {
             println!("verified {} frames, corrupted {}, lost {}, reordered {}", v.unique, sink.corrupted, v.lost, v.reordered);

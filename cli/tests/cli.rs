@@ -27,7 +27,7 @@ fn assert_clean_error(o: &Output, needle: &str) {
 fn demo_verifies_every_byte_each_method() {
     for method in ["readv", "uring"] {
         for threaded in [false, true] {
-            let mut args = vec!["demo", "--bytes", "24M", "--area-size", "4M", "--method", method, "--json"];
+            let mut args = vec!["demo", "--bytes", "24M", "--area-size", "4M", "--method", method, "--json", "--skip-zero-copy"];
             if threaded {
                 args.push("--threaded");
             }
@@ -45,11 +45,24 @@ fn demo_verifies_every_byte_each_method() {
 }
 
 #[test]
+fn demo_zero_copy_part_verifies_every_frame() {
+    let o = zcrx(&["demo", "--bytes", "4M", "--area-size", "4M", "--frames", "30000", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = json(&o);
+    let z = &j["zero_copy"];
+    assert_eq!(z["frames"], 30000, "{j}");
+    assert_eq!(z["verified"], 30000);
+    assert_eq!(z["zc_count"], 30000, "one completion per frame: 1514-byte frames fit a 4 KiB buffer");
+    assert_eq!(z["copy_count"], 0, "zero copy means no copy");
+    assert_eq!(z["zc_bytes"], z["bytes"]);
+}
+
+#[test]
 fn demo_text_output_has_the_figures() {
-    let o = zcrx(&["demo", "--bytes", "8M", "--area-size", "1M"]);
+    let o = zcrx(&["demo", "--bytes", "8M", "--area-size", "1M", "--frames", "10000"]);
     assert!(o.status.success());
     let s = String::from_utf8_lossy(&o.stdout);
-    for needle in ["Gbit/s", "every byte checked: OK", "copy_count", "copy_bytes 8388608"] {
+    for needle in ["Gbit/s", "every byte checked: OK", "copy_count", "copy_bytes 8388608", "10000 frames", "Mpps", "zc_count 10000"] {
         assert!(s.contains(needle), "{needle:?} missing in {s}");
     }
 }
@@ -69,6 +82,11 @@ fn bad_input_is_one_clear_line() {
     assert_clean_error(&zcrx(&["rx", "--nodev", "--udp", "--listen", "127.0.0.1:0", "--duration=-1"]), "--duration");
     assert_clean_error(&zcrx(&["rx", "--nodev", "--udp", "--listen", "127.0.0.1:0", "--pcap", "/tmp/x", "--method", "uring", "--rx-buf-len", "64K"]), "--method readv");
     assert_clean_error(&zcrx(&["rx", "--nodev", "--udp", "--listen", "127.0.0.1:0", "--method", "uring"]), "--rx-buf-len 64K");
+    assert_clean_error(&zcrx(&["rx", "--vhost-user", "/nonexistent/zcrx.sock"]), "connect");
+    assert_clean_error(&zcrx(&["rx", "--vhost-user", "/tmp/x.sock", "--udp"]), "--udp are for --nodev");
+    assert_clean_error(&zcrx(&["backend", "--socket", "/tmp/zcrx-never.sock", "--mode", "tap"]), "--tap NAME");
+    assert_clean_error(&zcrx(&["backend", "--socket", "/tmp/zcrx-never.sock", "--mode", "gen", "--queue-size", "1000"]), "power of two");
+    assert_clean_error(&zcrx(&["backend", "--socket", "/tmp/zcrx-never.sock", "--mode", "gen", "--frame-len", "10"]), "frame");
     // clap's own errors: non-zero exit, no panic.
     let o = zcrx(&["demo", "--bytes", "lots"]);
     assert_eq!(o.status.code(), Some(2));
