@@ -175,12 +175,26 @@ impl VirtioNet {
 
     /// Announce the (empty) queues, read the config, start the device.
     fn activate(&mut self) -> Result<(), NetError> {
+        let r = self.try_activate();
+        if r.is_err() {
+            // A backend may use a ring as soon as it knows it: stop before anything is unmapped.
+            self.transport.stop();
+        }
+        r
+    }
+
+    fn try_activate(&mut self) -> Result<(), NetError> {
         for (q, vq) in [(RXQ, &self.rx), (TXQ, &self.tx)] {
             self.transport.setup_queue(q, &queue_addrs(vq))?;
         }
         if self.features & bit(VIRTIO_NET_F_MAC) != 0 {
             let mut m = [0u8; 6];
-            self.mac = self.transport.read_config(0, &mut m).ok().map(|()| m);
+            self.mac = match self.transport.read_config(0, &mut m) {
+                Ok(()) => Some(m),
+                // No config space (vhost-user without the CONFIG protocol feature).
+                Err(TransportError::Unsupported(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
         }
         self.transport.start()?;
         // We poll: no interrupts wanted.

@@ -28,6 +28,8 @@ pub fn register_ifq(
     if reg.if_rxq != 0 {
         return Err(RegisterError::NoSuchQueue(reg.if_rxq));
     }
+    // Everything is checked before the device hears from us.
+    zcrx::ifq::validate(&reg, true).map_err(zcrx::Error::from)?;
     let device = transport.describe();
     let dev_err = |source| RegisterError::Device { device: device.clone(), source };
     // 1. The device and its DMA context.

@@ -114,6 +114,7 @@ pub struct VhostUser {
     features: u64,
     protocol: VhostUserProtocolFeatures,
     started: bool,
+    queues_set: bool,
 }
 
 impl VhostUser {
@@ -137,6 +138,7 @@ impl VhostUser {
             features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             started: false,
+            queues_set: false,
         })
     }
 
@@ -203,6 +205,7 @@ impl Transport for VhostUser {
         if qi >= NUM_QUEUES {
             return Err(TransportError::Unsupported(format!("queue {q}: only rx 0 and tx 1 exist")));
         }
+        self.queues_set = true;
         self.fe.set_vring_num(qi, a.size).map_err(err("SET_VRING_NUM"))?;
         // SET_VRING_ADDR takes the frontend's own virtual addresses.
         let cfg = VringConfigData {
@@ -238,12 +241,13 @@ impl Transport for VhostUser {
     }
 
     fn start(&mut self) -> Result<(), TransportError> {
+        // Set first: a failure half-way still leaves rings to stop.
+        self.started = true;
         if self.features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             for q in 0..NUM_QUEUES {
                 self.fe.set_vring_enable(q, true).map_err(err("SET_VRING_ENABLE"))?;
             }
         }
-        self.started = true;
         Ok(())
     }
 
@@ -276,7 +280,9 @@ impl Transport for VhostUser {
     }
 
     fn stop(&mut self) {
-        if self.started && self.is_alive() {
+        // Rings may run from SET_VRING_KICK on (without protocol features), so stop whenever
+        // queues were announced, not only after start.
+        if (self.started || self.queues_set) && self.is_alive() {
             for q in 0..NUM_QUEUES {
                 if self.features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
                     let _ = self.fe.set_vring_enable(q, false);
@@ -286,6 +292,7 @@ impl Transport for VhostUser {
             }
         }
         self.started = false;
+        self.queues_set = false;
         self.mem.stopped.store(true, std::sync::atomic::Ordering::Release);
     }
 }
