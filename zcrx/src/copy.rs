@@ -127,7 +127,8 @@ impl Ifq {
 
     /// One `recvmmsg` from a datagram socket: each datagram becomes one completion, or several
     /// marked `ZCRX_CQE_F_CONTD` when it is longer than a buffer. `on_datagram` sees each
-    /// datagram's source address and length, in completion order.
+    /// datagram's source address and real length, in completion order; a datagram longer than
+    /// `max_datagram_len` loses its tail in the kernel and is counted in `truncated`.
     pub fn copy_datagrams(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -172,7 +173,8 @@ impl Ifq {
         // SAFETY: every header points at iovecs naming posted buffers and at its own address
         // slot; all live in `s` for the duration of the call.
         let r = unsafe {
-            libc::recvmmsg(fd.as_raw_fd(), s.msgs.as_mut_ptr(), nmsgs as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            // MSG_TRUNC: msg_len reports a datagram's real length even when it did not fit.
+            libc::recvmmsg(fd.as_raw_fd(), s.msgs.as_mut_ptr(), nmsgs as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut())
         };
         let res = if r < 0 {
             let e = io::Error::last_os_error();
@@ -193,9 +195,13 @@ impl Ifq {
                     bufs.iter().for_each(|&i| self.put_back(i));
                     continue;
                 }
-                let len = s.msgs[m].msg_len as usize;
+                let real = s.msgs[m].msg_len as usize;
+                let len = real.min(frags * buf_len);
+                if len < real {
+                    self.note_truncated();
+                }
                 bytes += len;
-                on_datagram(sockaddr_to_std(&s.addrs[m], s.msgs[m].msg_hdr.msg_namelen), len);
+                on_datagram(sockaddr_to_std(&s.addrs[m], s.msgs[m].msg_hdr.msg_namelen), real);
                 let used = len.div_ceil(buf_len).max(1);
                 let mut left = len;
                 for (k, &i) in bufs.iter().enumerate() {

@@ -72,9 +72,12 @@ pub struct IfqStats {
     pub refilled: u64,
     /// Times the refill queue was drained.
     pub flushes: u64,
+    /// Datagrams longer than the buffers set aside for one (`CopyLimits::max_datagram_len`):
+    /// the kernel dropped their tail.
+    pub truncated: u64,
 }
 
-const NSTATS: usize = 9;
+const NSTATS: usize = 10;
 
 impl IfqStats {
     fn to_array(self) -> [u64; NSTATS] {
@@ -88,11 +91,12 @@ impl IfqStats {
             self.cq_full,
             self.refilled,
             self.flushes,
+            self.truncated,
         ]
     }
     fn from_array(a: [u64; NSTATS]) -> Self {
-        let [copy_count, copy_bytes, zc_count, zc_bytes, invalid_rqes, no_buffer, cq_full, refilled, flushes] = a;
-        Self { copy_count, copy_bytes, zc_count, zc_bytes, invalid_rqes, no_buffer, cq_full, refilled, flushes }
+        let [copy_count, copy_bytes, zc_count, zc_bytes, invalid_rqes, no_buffer, cq_full, refilled, flushes, truncated] = a;
+        Self { copy_count, copy_bytes, zc_count, zc_bytes, invalid_rqes, no_buffer, cq_full, refilled, flushes, truncated }
     }
 }
 
@@ -307,10 +311,10 @@ impl Ifq {
         self.free.push(i);
     }
 
-    /// Completion slots free right now.
+    /// Completion slots free right now (one acquire load of the user's head).
     #[inline]
     pub fn cq_space(&mut self) -> u32 {
-        self.cq.free()
+        self.cq.free_for(u32::MAX)
     }
 
     /// Hand `len` bytes at `offset` inside posted buffer `i` to the user. The caller has checked
@@ -361,6 +365,10 @@ impl Ifq {
             self.stats.no_buffer += 1;
         }
         self.post_event(ZCRX_EVENT_ALLOC_FAIL);
+    }
+
+    pub(crate) fn note_truncated(&mut self) {
+        self.stats.truncated += 1;
     }
 
     /// Drain the refill queue into the free list (ZCRX_CTRL_FLUSH_RQ). Invalid entries are

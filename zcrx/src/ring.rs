@@ -108,6 +108,16 @@ impl<T: Copy + Send> Producer<T> {
         self.free_cached()
     }
 
+    /// Free slots, re-reading the consumer's head unless the cached view already shows `want`.
+    pub fn free_for(&mut self, want: u32) -> u32 {
+        let f = self.free_cached();
+        if f >= want {
+            return f;
+        }
+        self.cached_head = self.shared.head().load(Ordering::Acquire);
+        self.free_cached()
+    }
+
     fn free_cached(&self) -> u32 {
         let used = self.tail.wrapping_sub(self.cached_head);
         // A head beyond our tail, or further back than a full ring, is garbage: treat as full.
