@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests use from Debian's packages. Idempotent: installs only what is missing.
-# Optional tools (a missing one only skips its cross-check) do not fail the run.
+# Required peers (DPDK's testpmd) fail the run when they cannot be installed; optional tools
+# (a missing one only skips its cross-check) do not.
 set -euo pipefail
+cd "$(dirname "$0")"
+
+bash ./install-dpdk.sh
 
 need=()
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)

@@ -19,6 +19,7 @@ pub mod frame;
 pub mod pcap;
 pub mod record;
 pub mod stream;
+pub mod testpmd;
 
 pub use checksum::checksum64;
 pub use datagram::{
