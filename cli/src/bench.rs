@@ -21,6 +21,25 @@ use crate::sender::{self, Payload};
 pub enum BenchCmd {
     /// NODEV copy mode (read loop, io_uring bundles) against read() baselines over loopback TCP.
     Copy(CopyBenchArgs),
+    /// Zero-copy receive over vhost-user: our driver from our backend and from DPDK's testpmd,
+    /// against testpmd's own virtio_user receiver (the anchor). Needs dpdk-testpmd.
+    VhostUser(VhostBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VhostBenchArgs {
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Runs of each variant and size (interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Frame sizes (without FCS).
+    #[arg(long, value_delimiter = ',', default_value = "64,1500")]
+    pub sizes: Vec<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +70,7 @@ const READ_LEN: usize = 64 << 10;
 pub fn run(cmd: &BenchCmd) -> Result<(), String> {
     match cmd {
         BenchCmd::Copy(a) => copy(a),
+        BenchCmd::VhostUser(a) => crate::bench_vhost::run(a),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod bench_vhost;
 mod demo;
 mod frames;
 mod opts;

@@ -40,8 +40,8 @@ pub trait RxSide {
     fn step(&mut self) -> Result<Step, String>;
     /// Serve the user's flush_rq request now (inline mode, refill queue full).
     fn serve_flush(&mut self);
-    /// Close; every buffer is accounted for.
-    fn finish(self: Box<Self>) -> IfqStats;
+    /// Close; every buffer is accounted for. The device's counters when there is a device.
+    fn finish(self: Box<Self>) -> (IfqStats, Option<driver::NetStats>);
 }
 
 /// NODEV: an ifq and a function that copies into it.
@@ -61,8 +61,8 @@ impl<F: FnMut(&mut Ifq) -> std::io::Result<CopyOutcome>> RxSide for CopySide<F> 
     fn serve_flush(&mut self) {
         self.ifq.poll_flush_request();
     }
-    fn finish(self: Box<Self>) -> IfqStats {
-        self.ifq.close()
+    fn finish(self: Box<Self>) -> (IfqStats, Option<driver::NetStats>) {
+        (self.ifq.close(), None)
     }
 }
 
@@ -72,6 +72,7 @@ pub struct RunStats {
     pub bytes: u64,
     pub completions: u64,
     pub stats: IfqStats,
+    pub device: Option<driver::NetStats>,
 }
 
 /// Take every ready completion, feed the sink, refill. `on_rq_full` must make refill-queue room
@@ -128,7 +129,7 @@ pub fn run_inline(
         }
         progress(run.bytes);
     }
-    run.stats = rx.finish();
+    (run.stats, run.device) = rx.finish();
     Ok(run)
 }
 
@@ -145,7 +146,7 @@ pub fn run_threaded(
     let rx_stop = stop.clone();
     let rx = std::thread::Builder::new()
         .name("zcrx-rx".into())
-        .spawn(move || -> Result<IfqStats, String> {
+        .spawn(move || -> Result<(IfqStats, Option<driver::NetStats>), String> {
             let mut rx = rx;
             let backoff = Backoff::new();
             let r = loop {
@@ -197,6 +198,6 @@ pub fn run_threaded(
     }
     let rx_result = rx.join().map_err(|_| "the receive thread panicked".to_string())?;
     result?;
-    run.stats = rx_result?;
+    (run.stats, run.device) = rx_result?;
     Ok(run)
 }

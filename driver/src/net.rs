@@ -85,6 +85,10 @@ pub struct NetStats {
     /// Protocol violations by the device (bad used entries, bad headers).
     pub device_errors: u64,
     pub kicks: u64,
+    /// Rx polls, and those that found nothing: the receiver's idle fraction, a measure of its
+    /// own cost that does not depend on the sender's speed.
+    pub rx_polls: u64,
+    pub rx_empty_polls: u64,
 }
 
 /// A started virtio-net device with its queues (memory shared with the device).
@@ -446,7 +450,9 @@ impl NetRx {
             return Err(e);
         }
         self.refill();
+        self.dev.stats.rx_polls += 1;
         if out.completions == 0 {
+            self.dev.stats.rx_empty_polls += 1;
             self.idle += 1;
             if self.idle >= IDLE_CHECK {
                 self.idle = 0;

@@ -38,11 +38,17 @@ impl Testpmd {
     /// `mode`, plus extra testpmd (after `--`) arguments. Forwarding starts with
     /// [`Testpmd::cmd`]`("start")`.
     pub fn spawn(vdev: &str, mode: &str, extra: &[&str]) -> io::Result<Self> {
+        Self::spawn_on(vdev, mode, extra, 0)
+    }
+
+    /// [`Testpmd::spawn`] with the main lcore chosen (of cores 0-1); forwarding runs on the other.
+    pub fn spawn_on(vdev: &str, mode: &str, extra: &[&str], main_lcore: u32) -> io::Result<Self> {
+        let main = main_lcore.to_string();
         let prefix = format!("zcrx{}x{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::Relaxed));
         // stdbuf: testpmd's printf output would sit in a block buffer on a pipe until exit.
         let mut child = Command::new("stdbuf")
             .args(["-o0", "-e0", "dpdk-testpmd"])
-            .args(["--no-pci", "--no-huge", "-m", "256", "--file-prefix", &prefix, "-l", "0-1", "--main-lcore", "0", "--log-level", "lib.eal:error"])
+            .args(["--no-pci", "--no-huge", "-m", "256", "--file-prefix", &prefix, "-l", "0-1", "--main-lcore", &main, "--log-level", "lib.eal:error"])
             .args(["--vdev", vdev, "--", "-i", "--total-num-mbufs=8192", "--port-topology=loop"])
             .arg(format!("--forward-mode={mode}"))
             .args(extra)
