@@ -83,26 +83,12 @@ impl Ifq {
         };
         let buf_len = self.area().rx_buf_len() as usize;
         let mut s = std::mem::take(&mut self.scratch);
-        s.iov.clear();
-        s.niovs.clear();
-        for _ in 0..n {
-            let i = self.take_free().expect("reserved");
-            s.niovs.push(i);
-            s.iov.push(libc::iovec { iov_base: self.area().niov_ptr(i).cast(), iov_len: buf_len });
-        }
+        self.take_iovs(&mut s, n);
         // SAFETY: every iovec names a whole posted buffer inside the area; posted buffers are
         // written by nobody else.
         let r = unsafe { libc::readv(fd.as_raw_fd(), s.iov.as_ptr(), n as libc::c_int) };
         let res = if r < 0 {
-            let e = io::Error::last_os_error();
-            for &i in &s.niovs {
-                self.put_back(i);
-            }
-            match e.kind() {
-                io::ErrorKind::WouldBlock => Ok(CopyOutcome::WouldBlock),
-                io::ErrorKind::Interrupted => Ok(CopyOutcome::Data { completions: 0, bytes: 0 }),
-                _ => Err(e),
-            }
+            self.read_failed(&s.niovs, io::Error::last_os_error())
         } else {
             let bytes = r as usize;
             let mut left = bytes;
@@ -144,18 +130,13 @@ impl Ifq {
         };
         if n < frags {
             // Not enough for one whole datagram: waiting beats truncating.
-            self.note_no_buffer(self.free_count() as usize >= frags);
-            return Ok(if self.free_count() as usize >= frags { CopyOutcome::NoCqSpace } else { CopyOutcome::NoBuffer });
+            let cq_short = self.free_count() as usize >= frags;
+            self.note_no_buffer(cq_short);
+            return Ok(if cq_short { CopyOutcome::NoCqSpace } else { CopyOutcome::NoBuffer });
         }
         let nmsgs = n / frags;
         let mut s = std::mem::take(&mut self.scratch);
-        s.iov.clear();
-        s.niovs.clear();
-        for _ in 0..nmsgs * frags {
-            let i = self.take_free().expect("reserved");
-            s.niovs.push(i);
-            s.iov.push(libc::iovec { iov_base: self.area().niov_ptr(i).cast(), iov_len: buf_len });
-        }
+        self.take_iovs(&mut s, nmsgs * frags);
         // SAFETY: zeroed mmsghdr and sockaddr_storage are valid values (plain C structs).
         s.msgs.resize_with(nmsgs, || unsafe { std::mem::zeroed() });
         // SAFETY: as above.
@@ -177,15 +158,7 @@ impl Ifq {
             libc::recvmmsg(fd.as_raw_fd(), s.msgs.as_mut_ptr(), nmsgs as u32, libc::MSG_DONTWAIT | libc::MSG_TRUNC, std::ptr::null_mut())
         };
         let res = if r < 0 {
-            let e = io::Error::last_os_error();
-            for &i in &s.niovs {
-                self.put_back(i);
-            }
-            match e.kind() {
-                io::ErrorKind::WouldBlock => Ok(CopyOutcome::WouldBlock),
-                io::ErrorKind::Interrupted => Ok(CopyOutcome::Data { completions: 0, bytes: 0 }),
-                _ => Err(e),
-            }
+            self.read_failed(&s.niovs, io::Error::last_os_error())
         } else {
             let got = r as usize;
             let (mut completions, mut bytes) = (0, 0);
@@ -242,14 +215,31 @@ impl Ifq {
                 self.finish_copy(1);
                 Ok(CopyOutcome::Data { completions: 1, bytes: n })
             }
-            Err(e) => {
-                self.put_back(i);
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(CopyOutcome::WouldBlock),
-                    io::ErrorKind::Interrupted => Ok(CopyOutcome::Data { completions: 0, bytes: 0 }),
-                    _ => Err(e),
-                }
-            }
+            Err(e) => self.read_failed(&[i], e),
+        }
+    }
+
+    /// Take `n` free buffers into the scratch iovecs (the caller reserved them).
+    fn take_iovs(&mut self, s: &mut Scratch, n: usize) {
+        let buf_len = self.area().rx_buf_len() as usize;
+        s.iov.clear();
+        s.niovs.clear();
+        for _ in 0..n {
+            let i = self.take_free().expect("reserved");
+            s.niovs.push(i);
+            s.iov.push(libc::iovec { iov_base: self.area().niov_ptr(i).cast(), iov_len: buf_len });
+        }
+    }
+
+    /// A read into `bufs` failed: they go back unused; would-block and EINTR are not errors.
+    fn read_failed(&mut self, bufs: &[u32], e: io::Error) -> io::Result<CopyOutcome> {
+        for &i in bufs {
+            self.put_back(i);
+        }
+        match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(CopyOutcome::WouldBlock),
+            io::ErrorKind::Interrupted => Ok(CopyOutcome::Data { completions: 0, bytes: 0 }),
+            _ => Err(e),
         }
     }
 
