@@ -436,7 +436,10 @@ impl NetRx {
             out.completions += 1;
             out.bytes += len as u64;
         });
-        self.ifq.commit();
+        if out.completions != 0 {
+            // Idle polls publish nothing: no store to the lines the user side reads.
+            self.ifq.commit();
+        }
         let err = match (r, bad_header) {
             (Err(e), _) => Some(NetError::Device { queue: "rx", err: e }),
             (Ok(_), Some(msg)) => Some(NetError::BadHeader(msg)),
