@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 bash ./install-dpdk.sh
+bash ./install-vm.sh
 
 need=()
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)

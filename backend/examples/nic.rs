@@ -17,8 +17,19 @@ fn main() {
         eprintln!("usage: nic SOCKET gen|sink|reflect|tap:IFNAME [--len N|MIN-MAX] [--count N] [--rate FPS] [--seed S] [--verify] [--cpu C] [--secs S] [--interval-ms MS]");
         std::process::exit(2);
     }
-    let (mut min, mut max, mut count, mut rate, mut seed, mut verify, mut cpu, mut secs, mut interval) =
-        (64usize, 64usize, None, None, 1u64, false, None, 3600u64, 1000u64);
+    let (
+        mut min,
+        mut max,
+        mut count,
+        mut rate,
+        mut seed,
+        mut verify,
+        mut cpu,
+        mut secs,
+        mut interval,
+    ) = (
+        64usize, 64usize, None, None, 1u64, false, None, 3600u64, 1000u64,
+    );
     let mut i = 2;
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
@@ -32,20 +43,51 @@ fn main() {
                 }
                 i += 1;
             }
-            "--count" => { count = Some(v.parse().unwrap()); i += 1; }
-            "--rate" => { rate = Some(v.parse().unwrap()); i += 1; }
-            "--seed" => { seed = v.parse().unwrap(); i += 1; }
-            "--cpu" => { cpu = Some(v.parse().unwrap()); i += 1; }
-            "--secs" => { secs = v.parse().unwrap(); i += 1; }
-            "--interval-ms" => { interval = v.parse().unwrap(); i += 1; }
+            "--count" => {
+                count = Some(v.parse().unwrap());
+                i += 1;
+            }
+            "--rate" => {
+                rate = Some(v.parse().unwrap());
+                i += 1;
+            }
+            "--seed" => {
+                seed = v.parse().unwrap();
+                i += 1;
+            }
+            "--cpu" => {
+                cpu = Some(v.parse().unwrap());
+                i += 1;
+            }
+            "--secs" => {
+                secs = v.parse().unwrap();
+                i += 1;
+            }
+            "--interval-ms" => {
+                interval = v.parse().unwrap();
+                i += 1;
+            }
             "--verify" => verify = true,
             o => panic!("unknown option {o}"),
         }
         i += 1;
     }
     let mode = match args[1].as_str() {
-        "gen" => Mode::Gen(GenConfig { min_frame_len: min, max_frame_len: max, rate, count, seed, verify_tx: verify, ..Default::default() }),
-        "sink" => Mode::Sink(SinkConfig { verify, seed, min_frame_len: min, max_frame_len: max }),
+        "gen" => Mode::Gen(GenConfig {
+            min_frame_len: min,
+            max_frame_len: max,
+            rate,
+            count,
+            seed,
+            verify_tx: verify,
+            ..Default::default()
+        }),
+        "sink" => Mode::Sink(SinkConfig {
+            verify,
+            seed,
+            min_frame_len: min,
+            max_frame_len: max,
+        }),
         "reflect" => Mode::Reflect,
         t if t.starts_with("tap:") => Mode::Tap(t[4..].to_string()),
         m => panic!("unknown mode {m}"),
@@ -61,13 +103,27 @@ fn main() {
         std::thread::sleep(Duration::from_millis(interval));
         let s = b.stats();
         let dt = lt.elapsed().as_secs_f64();
+        let polls = (s.polls - last.polls).max(1);
         println!(
-            "rx {:.3} Mpps ({} total) tx {:.3} Mpps ({} total) verified {} corrupted {} lost {} rx_dropped {} bad_desc {} notif {} sleeps {} conn {}{}",
-            (s.rx_frames - last.rx_frames) as f64 / dt / 1e6, s.rx_frames,
-            (s.tx_frames - last.tx_frames) as f64 / dt / 1e6, s.tx_frames,
-            s.verified, s.corrupted, s.lost, s.rx_dropped, s.bad_descriptors, s.notifications, s.sleeps,
+            "rx {:.3} Mpps ({} total) tx {:.3} Mpps ({} total) idle-polls {:.1}% verified {} corrupted {} lost {} \
+             rx_dropped {} bad_desc {} notif {} sleeps {} conn {}{}",
+            (s.rx_frames - last.rx_frames) as f64 / dt / 1e6,
+            s.rx_frames,
+            (s.tx_frames - last.tx_frames) as f64 / dt / 1e6,
+            s.tx_frames,
+            100.0 * (s.idle_polls - last.idle_polls) as f64 / polls as f64,
+            s.verified,
+            s.corrupted,
+            s.lost,
+            s.rx_dropped,
+            s.bad_descriptors,
+            s.notifications,
+            s.sleeps,
             s.connected as u8,
-            s.last_error.as_deref().map(|e| format!(" last_error: {e}")).unwrap_or_default()
+            s.last_error
+                .as_deref()
+                .map(|e| format!(" last_error: {e}"))
+                .unwrap_or_default()
         );
         last = s;
         lt = Instant::now();

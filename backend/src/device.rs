@@ -17,7 +17,9 @@ use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::{self, Engine, RunCtx, F_MRG_RXBUF, F_VERSION_1};
@@ -31,7 +33,12 @@ pub(crate) const F_IN_ORDER: u64 = 1 << 35;
 
 /// Offered virtio features. ACCESS_PLATFORM is offered only so that a
 /// frontend asking for it gets a clear refusal instead of a generic
-/// "feature not supported" (see [`ACCESS_PLATFORM_ERROR`]).
+/// "invalid parameter" (see [`ACCESS_PLATFORM_ERROR`]). QEMU refuses at
+/// init any backend that offers it without the REPLY_ACK and BACKEND_REQ
+/// protocol features (even for iommu_platform=off devices), hence
+/// BACKEND_REQ in [`PROTOCOL_FEATURES`]; frontends that do not want
+/// ACCESS_PLATFORM (QEMU with iommu_platform=off, DPDK virtio_user) simply
+/// do not acknowledge it.
 pub(crate) const FEATURES: u64 = F_MAC
     | F_MRG_RXBUF
     | F_EVENT_IDX
@@ -39,6 +46,14 @@ pub(crate) const FEATURES: u64 = F_MAC
     | F_VERSION_1
     | F_ACCESS_PLATFORM
     | F_IN_ORDER;
+
+/// Offered protocol features: CONFIG (the MAC), REPLY_ACK, and BACKEND_REQ
+/// (accepted, never used; see [`FEATURES`]).
+pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+}
 
 pub(crate) const ACCESS_PLATFORM_ERROR: &str = "the frontend negotiated VIRTIO_F_ACCESS_PLATFORM \
 (iommu_platform=on, a guest behind a vIOMMU), but this backend cannot serve it: vhost-user-backend \
@@ -63,12 +78,14 @@ pub(crate) struct NetDevice {
     shared: Arc<Shared>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mem_gen: Arc<AtomicU64>,
+    seen_gen: Arc<AtomicU64>,
     acked: AtomicU64,
     pub(crate) fatal: AtomicBool,
     poller: Mutex<PollerSlot>,
     wake: Arc<EventFd>,
     sleeping: Arc<AtomicBool>,
     pub(crate) shutdown: Mutex<Option<ShutdownHandle>>,
+    backend_req: Mutex<Option<vhost::vhost_user::Backend>>,
 }
 
 impl NetDevice {
@@ -85,6 +102,7 @@ impl NetDevice {
             shared,
             mem,
             mem_gen: Arc::new(AtomicU64::new(0)),
+            seen_gen: Arc::new(AtomicU64::new(0)),
             acked: AtomicU64::new(0),
             fatal: AtomicBool::new(false),
             poller: Mutex::new(PollerSlot {
@@ -94,6 +112,7 @@ impl NetDevice {
             wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
             sleeping: Arc::new(AtomicBool::new(false)),
             shutdown: Mutex::new(None),
+            backend_req: Mutex::new(None),
         })
     }
 
@@ -139,6 +158,7 @@ impl NetDevice {
             vrings,
             mem: self.mem.clone(),
             mem_gen: self.mem_gen.clone(),
+            seen_gen: self.seen_gen.clone(),
             stop: stop.clone(),
             wake: self.wake.clone(),
             sleeping: self.sleeping.clone(),
@@ -230,7 +250,13 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        protocol_features()
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        // Keep the channel open (closing it makes QEMU tear its end down);
+        // nothing is ever sent on it.
+        *self.backend_req.lock().unwrap() = Some(backend);
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -251,8 +277,20 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.mem_gen.fetch_add(1, Ordering::SeqCst);
-        self.wake_poller();
+        // Do not acknowledge the new table while the poll thread may still
+        // translate descriptors through the old one.
+        let g = self.mem_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.poller.lock().unwrap().running.is_some() {
+            let _ = self.wake.write(1);
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while self.seen_gen.load(Ordering::Acquire) < g {
+                if std::time::Instant::now() > end {
+                    tracing::warn!("poll thread did not switch to the new memory table within 1 s");
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
         Ok(())
     }
 

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
+use traffic::{DatagramStats, FrameGen, FrameVerifier};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use traffic::{DatagramStats, FrameGen, FrameVerifier};
 
 use crate::ring::{gather, scatter, ChainError, GuestMap, RawQueue, RingError, Seg};
 use crate::stats::{ErrorReporter, Local, Shared};
@@ -25,6 +25,8 @@ use crate::stats::{ErrorReporter, Local, Shared};
 /// Frames per queue per loop iteration (and per used-index publication).
 pub(crate) const BURST: usize = 64;
 pub(crate) const MAX_FRAME: usize = 65535;
+/// How many avail entries ahead buffers are prefetched.
+const PREFETCH_AHEAD: u16 = 4;
 const RX: usize = 0;
 const TX: usize = 1;
 
@@ -49,7 +51,8 @@ impl GenState {
         }
         if let Some(rate) = self.rate {
             let start = *self.rate_start.get_or_insert(now);
-            let due = (now.duration_since(start).as_nanos() * rate as u128 / 1_000_000_000) as u64 + 1;
+            let due =
+                (now.duration_since(start).as_nanos() * rate as u128 / 1_000_000_000) as u64 + 1;
             if due > self.rate_sent + BURST as u64 {
                 // Do not bank credit while the frontend had no buffers.
                 self.rate_sent = due - BURST as u64;
@@ -178,6 +181,8 @@ pub(crate) struct RunCtx {
     pub vrings: Vec<VringRwLock>,
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     pub mem_gen: Arc<AtomicU64>,
+    /// The memory-table generation this thread has switched to.
+    pub seen_gen: Arc<AtomicU64>,
     pub stop: Arc<AtomicBool>,
     pub wake: Arc<EventFd>,
     pub sleeping: Arc<AtomicBool>,
@@ -278,6 +283,15 @@ impl RxState {
     ) -> Result<Deliver, RingError> {
         let hdr = self.hdr_len;
         let need = hdr + flen;
+        if flen > MAX_FRAME {
+            // Only a tx chain (reflect) can be this long; no Ethernet frame is.
+            local.rx_dropped += 1;
+            errs.rep.report(
+                errs.shared,
+                format_args!("frame of {flen} bytes is longer than {MAX_FRAME}; dropped"),
+            );
+            return Ok(Deliver::Dropped);
+        }
         loop {
             let enough = if self.mrg {
                 self.cap >= need as u64
@@ -291,6 +305,13 @@ impl RxState {
                 return Ok(Deliver::NoBuffers);
             }
             let head = q.pop();
+            if self.chains.len() == self.chains.capacity() {
+                // Only a frontend re-posting buffers gets here; never
+                // allocate on the hot path.
+                errs.bad(local, "rx", ChainError::TooLong { size: q.size });
+                self.abandon(q, Some(head));
+                continue;
+            }
             let start = self.segs.len();
             match q.walk(map, head, true, &mut self.segs) {
                 Ok(cap) if cap as usize >= hdr => {
@@ -404,6 +425,7 @@ pub(crate) fn run(engine: &mut Engine, ctx: &RunCtx) {
         10
     };
     let map_gen = ctx.mem_gen.load(Ordering::Acquire);
+    ctx.seen_gen.store(map_gen, Ordering::Release);
     let mut p = Poller {
         ctx,
         map: GuestMap::new(ctx.mem.memory().into_inner()),
@@ -425,7 +447,10 @@ pub(crate) fn run(engine: &mut Engine, ctx: &RunCtx) {
     let mut idle_since: Option<Instant> = None;
     while !ctx.stop.load(Ordering::Relaxed) {
         iter = iter.wrapping_add(1);
-        if iter % 64 == 0 {
+        // A new memory table must be in use before SET_MEM_TABLE is
+        // acknowledged (update_memory waits for seen_gen), so check its
+        // generation every iteration (one load of a rarely written line).
+        if iter % 64 == 0 || ctx.mem_gen.load(Ordering::Acquire) != p.map_gen {
             p.refresh(engine);
         }
         let mut work = 0usize;
@@ -440,12 +465,14 @@ pub(crate) fn run(engine: &mut Engine, ctx: &RunCtx) {
             work += p.tx_burst(engine);
         }
         p.publish();
+        p.local.polls += 1;
         if work > 0 {
             p.local.flush(&engine.shared);
             engine.publish_verify_stats();
             idle_since = None;
             continue;
         }
+        p.local.idle_polls += 1;
         let now = Instant::now();
         let since = *idle_since.get_or_insert(now);
         if now.duration_since(since) < engine.spin {
@@ -505,6 +532,7 @@ impl Poller<'_> {
             }
             self.map = GuestMap::new(self.ctx.mem.memory().into_inner());
             self.map_gen = g;
+            self.ctx.seen_gen.store(g, Ordering::Release);
             for (i, k) in keep.into_iter().enumerate() {
                 if let Some(k) = k {
                     self.setup(engine, i, Some(k));
@@ -617,12 +645,15 @@ impl Poller<'_> {
         let mut n = 0usize;
         let mut fault = None;
         while n < allowed {
+            q.prefetch_ahead(&self.map, PREFETCH_AHEAD, true);
             let seq = g.gen.next_seq();
             let flen = g.gen.len_for(seq);
             let gen = &g.gen;
-            match self.rx.deliver(q, &self.map, flen, &mut self.local, &mut errs, |b| {
-                let _ = gen.write(seq, b);
-            }) {
+            match self
+                .rx
+                .deliver(q, &self.map, flen, &mut self.local, &mut errs, |b| {
+                    let _ = gen.write(seq, b);
+                }) {
                 Ok(Deliver::Done) | Ok(Deliver::Dropped) => {
                     g.gen.set_next_seq(seq + 1);
                     n += 1;
@@ -681,9 +712,11 @@ impl Poller<'_> {
                 }
             };
             let buf = &t.buf[..len];
-            match self.rx.deliver(q, &self.map, len, &mut self.local, &mut errs, |b| {
-                b.copy_from_slice(buf)
-            }) {
+            match self
+                .rx
+                .deliver(q, &self.map, len, &mut self.local, &mut errs, |b| {
+                    b.copy_from_slice(buf)
+                }) {
                 Ok(Deliver::Done) | Ok(Deliver::Dropped) => {
                     t.held = None;
                     n += 1;
@@ -763,9 +796,16 @@ impl Poller<'_> {
                             shared: &engine.shared,
                             rep: &mut engine.desc_err,
                         };
-                        match self.rx.deliver(rxq, &self.map, flen, &mut self.local, &mut errs, |b| {
-                            gather(segs, hdr, b);
-                        }) {
+                        match self.rx.deliver(
+                            rxq,
+                            &self.map,
+                            flen,
+                            &mut self.local,
+                            &mut errs,
+                            |b| {
+                                gather(segs, hdr, b);
+                            },
+                        ) {
                             Ok(Deliver::Done) | Ok(Deliver::Dropped) => {}
                             Ok(Deliver::NoBuffers) => self.local.rx_dropped += 1,
                             Err(e) => {
@@ -857,18 +897,30 @@ impl Poller<'_> {
             }
         }
         if !more && !ctx.stop.load(Ordering::SeqCst) {
-            // SAFETY: the eventfd outlives this call.
-            let wfd = unsafe { BorrowedFd::borrow_raw(ctx.wake.as_raw_fd()) };
-            let mut fds = [
-                PollFd::new(&wfd, PollFlags::IN),
-                PollFd::new(&wfd, PollFlags::empty()),
-            ];
-            let nfds = if let Some(fd) = tap_fd.as_ref() {
-                fds[1] = PollFd::new(&**fd, PollFlags::IN);
-                2
-            } else {
-                1
-            };
+            // Wake on: our eventfd (kicks relayed by the vring epoll thread,
+            // stop, memory changes), the kick eventfds themselves (saves the
+            // relay hop; the epoll thread still consumes them), the tap.
+            let kicks: [Option<vmm_sys_util::event::EventConsumer>; 2] = [RX, TX].map(|i| {
+                if !self.slots[i].active {
+                    return None;
+                }
+                let st = ctx.vrings[i].get_ref();
+                st.get_kick().as_ref().and_then(|k| k.try_clone().ok())
+            });
+            // SAFETY: the fds outlive this call (ctx.wake, kicks, tap_fd).
+            let b = |fd: i32| unsafe { BorrowedFd::borrow_raw(fd) };
+            let mut raw = [ctx.wake.as_raw_fd(); 4];
+            let mut nfds = 1;
+            for k in kicks.iter().flatten() {
+                raw[nfds] = k.as_raw_fd();
+                nfds += 1;
+            }
+            if let Some(fd) = tap_fd.as_ref() {
+                raw[nfds] = fd.as_raw_fd();
+                nfds += 1;
+            }
+            let bfds = raw.map(b);
+            let mut fds = bfds.each_ref().map(|f| PollFd::new(f, PollFlags::IN));
             let ts = rustix::event::Timespec {
                 tv_sec: timeout.as_secs() as i64,
                 tv_nsec: timeout.subsec_nanos() as i64,

@@ -16,10 +16,15 @@
 //! * [`Mode::Tap`]: bridges to a tap device.
 //!
 //! Features offered: VERSION_1, MAC, MRG_RXBUF, EVENT_IDX, IN_ORDER
-//! (completions are always in order), PROTOCOL_FEATURES (CONFIG,
-//! REPLY_ACK). The config space holds the MAC. A frontend that negotiates
-//! VIRTIO_F_ACCESS_PLATFORM is refused with a clear error (vhost-user-backend
-//! has no IOTLB support); see [`Stats::last_error`].
+//! (completions are always in order), PROTOCOL_FEATURES (protocol features
+//! CONFIG, REPLY_ACK, BACKEND_REQ), and ACCESS_PLATFORM, which exists only to
+//! be refused: vhost-user-backend has no IOTLB support, so a frontend that
+//! acknowledges VIRTIO_F_ACCESS_PLATFORM (a guest with iommu_platform=on)
+//! gets its connection closed with a clear error in the log and in
+//! [`Stats::last_error`]. A frontend must therefore not blindly acknowledge
+//! every offered feature. (QEMU refuses a backend that offers
+//! ACCESS_PLATFORM without BACKEND_REQ, hence that protocol feature; its
+//! channel is accepted and never used.) The config space holds the MAC.
 //!
 //! The control plane is vhost-user-backend/virtio-queue/vm-memory; the
 //! per-frame path runs on a busy-polling thread over raw ring memory that is
@@ -45,11 +50,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
+use traffic::{FrameGen, FrameVerifier};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use traffic::{FrameGen, FrameVerifier};
 
 pub use stats::Stats;
 
@@ -200,6 +205,7 @@ impl Backend {
 
     /// Poll [`stats`](Self::stats) until `pred` holds (returns those stats)
     /// or `timeout` passes (returns `Err` with the last stats).
+    #[allow(clippy::result_large_err)]
     pub fn wait_until(
         &self,
         timeout: Duration,
@@ -268,9 +274,11 @@ pub fn start(cfg: BackendConfig) -> Result<Backend, Error> {
         Mode::Sink(s) => check_len_range("sink", s.min_frame_len, s.max_frame_len)?,
         Mode::Reflect => {}
         Mode::Tap(name) => {
-            tap = Some(Arc::new(tap::open_tap(name).map_err(|source| Error::Tap {
-                name: name.clone(),
-                source,
+            tap = Some(Arc::new(tap::open_tap(name).map_err(|source| {
+                Error::Tap {
+                    name: name.clone(),
+                    source,
+                }
             })?));
         }
     }
@@ -343,7 +351,10 @@ fn serve(
                     BorrowedFd::borrow_raw(ctl.stop_efd.as_raw_fd()),
                 )
             };
-            let mut fds = [PollFd::new(&lfd, PollFlags::IN), PollFd::new(&sfd, PollFlags::IN)];
+            let mut fds = [
+                PollFd::new(&lfd, PollFlags::IN),
+                PollFd::new(&sfd, PollFlags::IN),
+            ];
             match rustix::event::poll(&mut fds, None) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
@@ -358,9 +369,15 @@ fn serve(
                 continue;
             }
         }
-        let engine = Engine::new(mode_state(&cfg, &tap), shared.clone(), cfg.idle_spin, cfg.cpu);
+        let engine = Engine::new(
+            mode_state(&cfg, &tap),
+            shared.clone(),
+            cfg.idle_spin,
+            cfg.cpu,
+        );
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev = match NetDevice::new(cfg.mac, cfg.queue_size, shared.clone(), mem.clone(), engine) {
+        let dev = match NetDevice::new(cfg.mac, cfg.queue_size, shared.clone(), mem.clone(), engine)
+        {
             Ok(d) => Arc::new(d),
             Err(e) => {
                 shared.set_error(format!("cannot create the device: {e}"));
@@ -379,6 +396,7 @@ fn serve(
         if let Err(e) = daemon.start(&mut listener) {
             shared.set_error(format!("accepting a frontend: {e}"));
             tracing::warn!("accepting a frontend: {e}");
+            std::thread::sleep(Duration::from_millis(100));
             continue;
         }
         shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -415,7 +433,7 @@ fn serve(
 }
 
 #[allow(dead_code)]
-fn _assert_send() {
-    fn s<T: Send>() {}
+fn _assert_send_sync() {
+    fn s<T: Send + Sync>() {}
     s::<Backend>();
 }

@@ -46,6 +46,11 @@ pub struct Stats {
     pub notifications: u64,
     /// Times the poll thread went to sleep after idling (and woke again).
     pub sleeps: u64,
+    /// Poll-loop iterations, and those that found nothing to do: the idle
+    /// fraction `idle_polls / polls` shows how far the backend is from being
+    /// the bottleneck.
+    pub polls: u64,
+    pub idle_polls: u64,
     /// Frontend connections accepted so far.
     pub connections: u64,
     /// A frontend is connected now.
@@ -74,6 +79,8 @@ pub(crate) struct Shared {
     pub bad_rings: AtomicU64,
     pub notifications: AtomicU64,
     pub sleeps: AtomicU64,
+    pub polls: AtomicU64,
+    pub idle_polls: AtomicU64,
     pub connections: AtomicU64,
     pub connected: AtomicBool,
     pub features: AtomicU64,
@@ -98,6 +105,8 @@ impl Shared {
             bad_rings: self.bad_rings.load(Relaxed),
             notifications: self.notifications.load(Relaxed),
             sleeps: self.sleeps.load(Relaxed),
+            polls: self.polls.load(Relaxed),
+            idle_polls: self.idle_polls.load(Relaxed),
             connections: self.connections.load(Relaxed),
             connected: self.connected.load(Relaxed),
             features: self.features.load(Relaxed),
@@ -124,6 +133,8 @@ pub(crate) struct Local {
     pub bad_rings: u64,
     pub notifications: u64,
     pub sleeps: u64,
+    pub polls: u64,
+    pub idle_polls: u64,
 }
 
 impl Local {
@@ -146,7 +157,9 @@ impl Local {
             bad_descriptors,
             bad_rings,
             notifications,
-            sleeps
+            sleeps,
+            polls,
+            idle_polls
         );
     }
 }

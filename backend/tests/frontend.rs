@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use backend::{BackendConfig, GenConfig, Mode, SinkConfig, Stats};
 use common::*;
 use traffic::{FrameGen, FrameVerifier};
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
 const T: Duration = Duration::from_secs(5);
@@ -33,16 +34,37 @@ fn wait_stats(b: &backend::Backend, what: &str, f: impl FnMut(&Stats) -> bool) -
 fn config_space_holds_the_mac_and_features_are_negotiated() {
     let (b, sock) = start("config", Mode::Reflect);
     let mut fe = TestFrontend::connect(&sock, BASE | F_EVENT_IDX);
-    assert_eq!(fe.get_config(0, 6), vec![0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+    assert_eq!(
+        fe.get_config(0, 6),
+        vec![0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]
+    );
     // A larger read (QEMU reads the whole struct) is zero-padded, not refused.
     let c = fe.get_config(0, 32);
     assert_eq!(&c[..6], &[0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
     assert_eq!(c.len(), 32);
     let offered = fe.fe.get_features().unwrap();
     assert_eq!(offered, backend::OFFERED_FEATURES);
-    for f in [F_VERSION_1, F_MAC, F_MRG_RXBUF, F_EVENT_IDX, F_IN_ORDER, F_PROTOCOL_FEATURES] {
+    for f in [
+        F_VERSION_1,
+        F_MAC,
+        F_MRG_RXBUF,
+        F_EVENT_IDX,
+        F_IN_ORDER,
+        F_PROTOCOL_FEATURES,
+    ] {
         assert_ne!(offered & f, 0, "feature {f:#x} must be offered");
     }
+    let pf = fe.fe.get_protocol_features().unwrap();
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    assert_eq!(
+        pf,
+        P::CONFIG | P::REPLY_ACK | P::BACKEND_REQ,
+        "no MQ, no IOTLB"
+    );
+    assert!(
+        fe.backend_chan.is_some(),
+        "backend request channel set up like QEMU does"
+    );
     let s = wait_stats(&b, "connection", |s| s.connected);
     assert_eq!(s.features, BASE | F_EVENT_IDX);
     assert_eq!(s.connections, 1);
@@ -117,9 +139,20 @@ fn sink_verifies_and_skips_malformed_tx_descriptors() {
     // the out-of-range head (300) cannot be returned.
     assert_eq!(ids, vec![0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 13, 14]);
     assert!(used.iter().all(|u| u.1 == 0));
-    let s = wait_stats(&b, "tx counts", |s| s.verified == 4 && s.bad_descriptors == 10);
-    assert_eq!((s.tx_frames, s.corrupted, s.lost, s.bad_rings), (4, 0, 0, 0));
-    assert!(s.last_error.as_deref().unwrap().contains("malformed descriptor"), "{s:?}");
+    let s = wait_stats(&b, "tx counts", |s| {
+        s.verified == 4 && s.bad_descriptors == 10
+    });
+    assert_eq!(
+        (s.tx_frames, s.corrupted, s.lost, s.bad_rings),
+        (4, 0, 0, 0)
+    );
+    assert!(
+        s.last_error
+            .as_deref()
+            .unwrap()
+            .contains("malformed descriptor"),
+        "{s:?}"
+    );
 
     // Still serving: four more good frames.
     for d in 20..24 {
@@ -128,7 +161,10 @@ fn sink_verifies_and_skips_malformed_tx_descriptors() {
     fe.publish(TX);
     assert_eq!(fe.wait_used(TX, 4, T).len(), 4);
     let s = wait_stats(&b, "more frames", |s| s.verified == 8);
-    assert_eq!((s.tx_frames, s.corrupted, s.lost, s.bad_descriptors), (8, 0, 0, 10));
+    assert_eq!(
+        (s.tx_frames, s.corrupted, s.lost, s.bad_descriptors),
+        (8, 0, 0, 10)
+    );
     let mut v = FrameVerifier::new(7, 60, 1514).unwrap();
     let mut g2 = gen60_1514(7);
     let mut bytes = 0;
@@ -143,13 +179,21 @@ fn sink_verifies_and_skips_malformed_tx_descriptors() {
 }
 
 /// Reassemble one frame from used rx entries starting at `i` (mergeable).
-fn take_frame(fe: &TestFrontend, used: &[(u32, u32)], i: &mut usize, buf_of: impl Fn(u32) -> usize) -> Vec<u8> {
+fn take_frame(
+    fe: &TestFrontend,
+    used: &[(u32, u32)],
+    i: &mut usize,
+    buf_of: impl Fn(u32) -> usize,
+) -> Vec<u8> {
     let (id, len) = used[*i];
     let (nbuf, mut f) = fe.rx_frame(buf_of(id), len);
     *i += 1;
     for _ in 1..nbuf {
         let (id, len) = used[*i];
-        f.extend_from_slice(fe.mem.slice(TestFrontend::buf_off(buf_of(id)), len as usize));
+        f.extend_from_slice(
+            fe.mem
+                .slice(TestFrontend::buf_off(buf_of(id)), len as usize),
+        );
         *i += 1;
     }
     f
@@ -183,7 +227,10 @@ fn gen_fills_valid_rx_buffers_and_skips_malformed_ones() {
     let used = fe.wait_used(RX, 8, T);
     let ids: Vec<u32> = used.iter().map(|u| u.0).collect();
     assert_eq!(ids, (0..8).collect::<Vec<_>>());
-    let mut v = FrameVerifier::new(3, 60, 1514).unwrap().expect_macs([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], backend::DEFAULT_GEN_SRC_MAC);
+    let mut v = FrameVerifier::new(3, 60, 1514).unwrap().expect_macs(
+        [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee],
+        backend::DEFAULT_GEN_SRC_MAC,
+    );
     for &(id, len) in &used {
         if (1..=4).contains(&id) {
             assert_eq!(len, 0, "malformed buffer {id} must come back empty");
@@ -226,8 +273,14 @@ fn gen_fills_valid_rx_buffers_and_skips_malformed_ones() {
         v.check(&f).unwrap();
     }
     assert_eq!(i, used.len(), "no extra used entries");
-    assert!(used.len() >= 40, "each frame needs >= 4 buffers of 256 bytes");
-    assert_eq!((v.stats().unique, s.bad_descriptors, s.rx_dropped), (10, 0, 0));
+    assert!(
+        used.len() >= 40,
+        "each frame needs >= 4 buffers of 256 bytes"
+    );
+    assert_eq!(
+        (v.stats().unique, s.bad_descriptors, s.rx_dropped),
+        (10, 0, 0)
+    );
     drop(fe);
     b.stop();
 }
@@ -271,7 +324,13 @@ fn ring_faults_stop_the_queue_and_the_backend_survives() {
     let fe = TestFrontend::connect(&sock, BASE);
     fe.set_avail_idx_raw(TX, 1000);
     let s = wait_stats(&b, "bad ring", |s| s.bad_rings == 1);
-    assert!(s.last_error.as_deref().unwrap().contains("avail index moved"), "{s:?}");
+    assert!(
+        s.last_error
+            .as_deref()
+            .unwrap()
+            .contains("avail index moved"),
+        "{s:?}"
+    );
     drop(fe);
     wait_stats(&b, "disconnect", |s| !s.connected);
 
@@ -282,7 +341,10 @@ fn ring_faults_stop_the_queue_and_the_backend_survives() {
         }
     });
     let s = wait_stats(&b, "bad ring 2", |s| s.bad_rings == 2);
-    assert!(s.last_error.as_deref().unwrap().contains("used ring"), "{s:?}");
+    assert!(
+        s.last_error.as_deref().unwrap().contains("used ring"),
+        "{s:?}"
+    );
     drop(fe);
     wait_stats(&b, "disconnect", |s| !s.connected);
 
@@ -318,8 +380,13 @@ fn access_platform_is_refused_with_a_clear_error() {
     drop(fe);
     // And the next frontend is served normally.
     let mut fe = TestFrontend::connect(&sock, BASE);
-    assert_eq!(fe.get_config(0, 6), vec![0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
-    wait_stats(&b, "second connection", |s| s.connections == 2 && s.connected);
+    assert_eq!(
+        fe.get_config(0, 6),
+        vec![0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]
+    );
+    wait_stats(&b, "second connection", |s| {
+        s.connections == 2 && s.connected
+    });
     drop(fe);
     b.stop();
 }
@@ -376,7 +443,10 @@ fn interrupts_only_when_the_frontend_asks() {
     }
     fe.publish(TX);
     assert_eq!(fe.wait_used(TX, 8, T).len(), 8);
-    assert!(wait_for(T, || call_count(&fe, TX) > 0), "used_event 8 crossed");
+    assert!(
+        wait_for(T, || call_count(&fe, TX) > 0),
+        "used_event 8 crossed"
+    );
     drop(fe);
     b.stop();
 }
@@ -433,7 +503,13 @@ fn gen_keeps_serving_rx_after_tx_is_stopped() {
 
 #[test]
 fn reconnects_and_stops_promptly_while_connected() {
-    let (b, sock) = start("reconnect", Mode::Gen(GenConfig { count: Some(4), ..Default::default() }));
+    let (b, sock) = start(
+        "reconnect",
+        Mode::Gen(GenConfig {
+            count: Some(4),
+            ..Default::default()
+        }),
+    );
     for round in 1..=2u64 {
         let mut fe = TestFrontend::connect(&sock, BASE);
         for d in 0..8u16 {
@@ -448,7 +524,9 @@ fn reconnects_and_stops_promptly_while_connected() {
             v.check(&fe.rx_frame(id as usize, len).1).unwrap();
         }
         assert_eq!(v.stats().unique, 4);
-        wait_stats(&b, "frames", |s| s.rx_frames == 4 * round && s.connections == round);
+        wait_stats(&b, "frames", |s| {
+            s.rx_frames == 4 * round && s.connections == round
+        });
         if round == 1 {
             drop(fe);
             wait_stats(&b, "disconnect", |s| !s.connected);
@@ -456,7 +534,11 @@ fn reconnects_and_stops_promptly_while_connected() {
             // Stop with the frontend connected and its rings running.
             let t = Instant::now();
             let s = b.stop();
-            assert!(t.elapsed() < Duration::from_secs(2), "stop took {:?}", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "stop took {:?}",
+                t.elapsed()
+            );
             assert!(!s.connected);
             assert!(!sock.exists(), "socket file removed");
             assert!(fe.fe.get_features().is_err());
@@ -495,12 +577,24 @@ fn random_descriptor_garbage_is_counted_never_fatal() {
                 1 => (rnd() % 8) as u32,
                 _ => (rnd() % 2048) as u32,
             };
-            let flags = if (r >> 16) % 3 == 0 { (rnd() % 8) as u16 } else { 0 };
-            let next = if (r >> 20) % 2 == 0 { (rnd() % 300) as u16 } else { (rnd() % 256) as u16 };
+            let flags = if (r >> 16) % 3 == 0 {
+                (rnd() % 8) as u16
+            } else {
+                0
+            };
+            let next = if (r >> 20) % 2 == 0 {
+                (rnd() % 300) as u16
+            } else {
+                (rnd() % 256) as u16
+            };
             fe.set_desc(TX, d, addr, len, flags, next);
         }
         for _ in 0..64 {
-            let head = if rnd() % 10 == 0 { (rnd() % 65536) as u16 } else { (rnd() % 256) as u16 };
+            let head = if rnd() % 10 == 0 {
+                (rnd() % 65536) as u16
+            } else {
+                (rnd() % 256) as u16
+            };
             if head < QSIZE {
                 expect_used += 1;
             }
@@ -535,7 +629,10 @@ fn tap_bridges_frames_both_ways() {
     }
     let name = format!("zcrxt{}", std::process::id() % 100000);
     let dir = temp_dir("tap");
-    let b = match backend::start(BackendConfig::new(dir.join("sock"), Mode::Tap(name.clone()))) {
+    let b = match backend::start(BackendConfig::new(
+        dir.join("sock"),
+        Mode::Tap(name.clone()),
+    )) {
         Ok(b) => b,
         Err(e) => {
             println!("SKIPPED: cannot create tap {name} (needs CAP_NET_ADMIN): {e}");
@@ -550,12 +647,21 @@ fn tap_bridges_frames_both_ways() {
     let ps = PacketSocket::bind(&name);
 
     // Frontend -> tap: the frame shows up on the interface.
-    let g = FrameGen::new(21, [0x02, 0, 0, 0, 0, 0x77], [0x02, 0, 0, 0, 0, 0x78], 200, 200).unwrap();
+    let g = FrameGen::new(
+        21,
+        [0x02, 0, 0, 0, 0, 0x77],
+        [0x02, 0, 0, 0, 0, 0x78],
+        200,
+        200,
+    )
+    .unwrap();
     let mut f = [0u8; 200];
     g.write(0, &mut f).unwrap();
     fe.post_tx(0, 0, &f);
     fe.publish(TX);
-    let got = ps.recv_matching(&f[..14], T).expect("frame from the frontend on the tap");
+    let got = ps
+        .recv_matching(&f[..14], T)
+        .expect("frame from the frontend on the tap");
     assert_eq!(&got[..], &f[..]);
 
     // Tap -> frontend: a frame sent on the interface reaches the rx ring.
@@ -574,7 +680,11 @@ fn tap_bridges_frames_both_ways() {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(found, "frame from the tap in the rx ring; stats {:?}", b.stats());
+    assert!(
+        found,
+        "frame from the tap in the rx ring; stats {:?}",
+        b.stats()
+    );
     let s = b.stats();
     assert!(s.tx_frames >= 1 && s.rx_frames >= 1);
     drop(fe);
@@ -592,7 +702,11 @@ impl PacketSocket {
         let proto = (0x88B5u16).to_be() as i32;
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto);
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             let cname = std::ffi::CString::new(ifname).unwrap();
             let ifindex = libc::if_nametoindex(cname.as_ptr()) as i32;
             assert!(ifindex > 0);
@@ -600,7 +714,11 @@ impl PacketSocket {
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_protocol = proto as u16;
             sll.sll_ifindex = ifindex;
-            let r = libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32);
+            let r = libc::bind(
+                fd,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
             assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
             PacketSocket { fd, ifindex }
         }
@@ -610,7 +728,8 @@ impl PacketSocket {
         let end = Instant::now() + timeout;
         let mut buf = [0u8; 2048];
         while Instant::now() < end {
-            let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
             if n > 0 && buf[..n as usize].starts_with(prefix) {
                 return Some(buf[..n as usize].to_vec());
             }
@@ -636,7 +755,12 @@ impl PacketSocket {
                 &sll as *const _ as *const libc::sockaddr,
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
-            assert_eq!(r, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                r,
+                frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -645,4 +769,77 @@ impl Drop for PacketSocket {
     fn drop(&mut self) {
         unsafe { libc::close(self.fd) };
     }
+}
+
+#[test]
+fn memory_table_update_is_in_use_when_acknowledged() {
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::VhostUserHeaderFlag;
+    use vhost::VhostUserMemoryRegionInfo;
+    let (b, sock) = start("memtable", Mode::Sink(SinkConfig::default()));
+    let mut fe = TestFrontend::connect(&sock, BASE);
+    let g = FrameGen::new(1, [1; 6], [2; 6], 64, 64).unwrap();
+    let mut f = [0u8; 64];
+    // A second region, not yet in the table.
+    let extra = Mem::new();
+    const GPA2: u64 = 0x2_0000_0000;
+    g.write(0, &mut f).unwrap();
+    extra.slice(0, HDR).fill(0);
+    extra.slice(HDR, 64).copy_from_slice(&f);
+    fe.set_desc(TX, 0, GPA2, (HDR + 64) as u32, 0, 0);
+    fe.push_avail(TX, 0);
+    fe.publish(TX);
+    assert_eq!(fe.wait_used(TX, 1, T).len(), 1);
+    let s = wait_stats(&b, "rejected", |s| s.bad_descriptors == 1);
+    assert_eq!(s.tx_frames, 0);
+
+    // Add it (same first region, rings keep running), waiting for the ack.
+    let region = |gpa: u64, m: &Mem| VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: m.ptr as u64,
+        mmap_offset: 0,
+        mmap_handle: m.file.as_raw_fd(),
+    };
+    fe.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.fe
+        .set_mem_table(&[region(GPA, &fe.mem), region(GPA2, &extra)])
+        .unwrap();
+    // Right after the ack the same descriptor is valid.
+    fe.set_desc(TX, 1, GPA2, (HDR + 64) as u32, 0, 0);
+    fe.push_avail(TX, 1);
+    fe.publish(TX);
+    assert_eq!(fe.wait_used(TX, 1, T).len(), 1);
+    let s = wait_stats(&b, "accepted", |s| s.tx_frames == 1);
+    assert_eq!(s.bad_descriptors, 1);
+    drop(fe);
+    b.stop();
+}
+
+#[test]
+fn gen_rate_limit_is_respected() {
+    const RATE: u64 = 2000;
+    let (b, sock) = start(
+        "rate",
+        Mode::Gen(GenConfig {
+            rate: Some(RATE),
+            ..Default::default()
+        }),
+    );
+    let mut fe = TestFrontend::connect(&sock, BASE);
+    for d in 0..QSIZE {
+        fe.post_rx(d, d as usize, BUF_SIZE as u32);
+    }
+    let t0 = Instant::now();
+    fe.publish(RX);
+    std::thread::sleep(Duration::from_millis(60));
+    let n = b.stats().rx_frames;
+    let secs = t0.elapsed().as_secs_f64();
+    // Never more than the rate allows (plus one burst of credit and the first
+    // frame); at least a fraction of it even on a loaded machine.
+    let max = (RATE as f64 * secs) as u64 + 65;
+    assert!(n <= max, "{n} frames in {secs:.3} s at {RATE}/s (max {max})");
+    assert!(n >= RATE * 60 / 1000 / 4, "{n} frames in {secs:.3} s at {RATE}/s");
+    drop(fe);
+    b.stop();
 }

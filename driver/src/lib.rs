@@ -5,6 +5,7 @@
 //! - [`transport`]: how the device is reached (vhost-user today);
 //! - [`net`]: the virtio-net device and its zero-copy rx queue;
 //! - [`register`]: the one helper that opens a device and binds an ifq to it.
+pub mod iova;
 pub mod net;
 pub mod register;
 pub mod transport;

@@ -102,6 +102,8 @@ impl Mem {
         assert!(off + std::mem::size_of::<T>() <= MEM_SIZE);
         unsafe { self.ptr.add(off) as *mut T }
     }
+    /// Guest memory is shared with the backend anyway (like a real guest's).
+    #[allow(clippy::mut_from_ref)]
     pub fn slice(&self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= MEM_SIZE);
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
@@ -124,6 +126,8 @@ pub struct TestFrontend {
     pub kick: [EventFd; 2],
     pub call: [EventFd; 2],
     pub features: u64,
+    /// Our end of the backend request channel (kept open, like QEMU).
+    pub backend_chan: Option<std::os::unix::net::UnixStream>,
 }
 
 pub const RX: usize = 0;
@@ -160,12 +164,21 @@ impl TestFrontend {
         let offered = fe.get_features().unwrap();
         let features = offered & want;
         fe.set_features(features).unwrap();
+        let mut backend_chan = None;
         if features & F_PROTOCOL_FEATURES != 0 {
             let pf = fe.get_protocol_features().unwrap();
+            // Like QEMU: CONFIG, REPLY_ACK and the backend request channel.
             fe.set_protocol_features(
-                pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
+                pf & (VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::BACKEND_REQ),
             )
             .unwrap();
+            if pf.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+                fe.set_backend_request_fd(&theirs).unwrap();
+                backend_chan = Some(ours);
+            }
         }
         let mem = Mem::new();
         let region = VhostUserMemoryRegionInfo {
@@ -218,6 +231,7 @@ impl TestFrontend {
             kick,
             call,
             features,
+            backend_chan,
         }
     }
 
@@ -321,7 +335,14 @@ impl TestFrontend {
         let b = self.mem.slice(off, HDR + frame.len());
         b[..HDR].fill(0);
         b[HDR..].copy_from_slice(frame);
-        self.set_desc(TX, desc, Self::buf_gpa(buf), (HDR + frame.len()) as u32, 0, 0);
+        self.set_desc(
+            TX,
+            desc,
+            Self::buf_gpa(buf),
+            (HDR + frame.len()) as u32,
+            0,
+            0,
+        );
         self.push_avail(TX, desc);
     }
 
@@ -334,7 +355,10 @@ impl TestFrontend {
     /// The frame in rx buffer `buf` given the used length; checks the header.
     pub fn rx_frame(&self, buf: usize, used_len: u32) -> (u16, Vec<u8>) {
         let b = self.mem.slice(Self::buf_off(buf), used_len as usize);
-        assert!(b[..10].iter().all(|&x| x == 0), "virtio_net_hdr flags/gso must be 0");
+        assert!(
+            b[..10].iter().all(|&x| x == 0),
+            "virtio_net_hdr flags/gso must be 0"
+        );
         let nbuf = u16::from_le_bytes([b[10], b[11]]);
         (nbuf, b[HDR..].to_vec())
     }

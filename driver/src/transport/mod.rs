@@ -2,6 +2,7 @@
 //! backend process, a PCI function behind VFIO) but the driver needs the same few things:
 //! feature bits, a DMA context, queues at addresses the device sees, kicks, a start and a stop.
 
+pub mod vfio_pci;
 pub mod vhost_user;
 
 use std::sync::Arc;
