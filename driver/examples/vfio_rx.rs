@@ -19,20 +19,19 @@
 //!
 //! - `--msix`: MSI-X (one eventfd per queue) on the transport before registration;
 //! - `--no-mmap`: BAR registers through pread/pwrite on the device fd, no mmap;
-//! - `--fault`: first prove the IOMMU confines the device: set the queues up by hand, post one
-//!   rx buffer whose IOVA was mapped and then unmapped, send `fault-armed`, and wait for the
-//!   device to fail (DEVICE_NEEDS_RESET, `is_alive() == false`) when the host's next frame
-//!   arrives, without writing anything; then `stop` + `reconnect` the same transport and run
-//!   the phases on it (phase numbers start at 1).
+//! - `--fault`: first show the IOMMU confines the device: set the queues up by hand, post one
+//!   rx buffer whose IOVA was mapped and then unmapped, send `fault-armed`, and wait until the
+//!   host's next frame makes the device either fail (DEVICE_NEEDS_RESET, `is_alive() == false`)
+//!   or complete the buffer with the write dropped by the IOMMU (what QEMU 7.2 does; the guest
+//!   kernel logs a DMAR fault); the page must keep its contents. Then `stop` + `reconnect` the
+//!   same transport and run the phases on it (phase numbers start at 1).
 //!
 //! Exit 0 only if every phase received every frame intact.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use driver::transport::vfio_pci::{
-    find_pci_devices, VfioOptions, VfioPci, VIRTIO_NET_MODERN_ID, VIRTIO_PCI_VENDOR,
-};
+use driver::transport::vfio_pci::{find_pci_devices, VfioOptions, VfioPci, VIRTIO_NET_MODERN_ID, VIRTIO_PCI_VENDOR};
 use driver::transport::{QueueAddrs, Transport};
 use driver::virtqueue::{self, Buf, QueueMemory, SplitQueue};
 use driver::{register_ifq, NetConfig};
@@ -76,9 +75,7 @@ fn args() -> Result<Args, String> {
             "--bdf" => a.bdf = Some(val()?),
             "--frames" => a.frames = val()?.parse().map_err(|e| format!("--frames: {e}"))?,
             "--phases" => a.phases = val()?.parse().map_err(|e| format!("--phases: {e}"))?,
-            "--timeout" => {
-                a.timeout = Duration::from_secs(val()?.parse().map_err(|e| format!("--timeout: {e}"))?)
-            }
+            "--timeout" => a.timeout = Duration::from_secs(val()?.parse().map_err(|e| format!("--timeout: {e}"))?),
             "--msix" => a.msix = true,
             "--no-mmap" => a.mmap = false,
             "--fault" => a.fault = true,
@@ -281,15 +278,22 @@ fn fault_then_recover(a: &Args, mut t: VfioPci) -> Result<VfioPci, String> {
     let victim = zcrx::mem::Mapping::anonymous(page, true).map_err(|err| format!("mmap: {err}"))?;
     // SAFETY: the page is ours and nobody reads it before the check below.
     unsafe { std::ptr::write_bytes(victim.ptr().as_ptr(), 0x5a, page) };
-    let dead = dma.map(DmaSegment { vaddr: victim.ptr().as_ptr(), len: page, fd: None }).map_err(|err| format!("map: {err}"))?;
+    let dead = dma
+        .map(DmaSegment { vaddr: victim.ptr().as_ptr(), len: page, fd: None })
+        .map_err(|err| format!("map: {err}"))?;
     dma.unmap(dead, page).map_err(|err| format!("unmap: {err}"))?;
 
     // SAFETY: disjoint page-aligned parts of `mem`, which outlives the queues (dropped below).
-    let mut rxq = unsafe { SplitQueue::new(size, QueueMemory { vaddr: base, device_addr: iova, len: qlen }, event_idx) }
-        .map_err(|err| format!("rx queue: {err}"))?;
+    let mut rxq =
+        unsafe { SplitQueue::new(size, QueueMemory { vaddr: base, device_addr: iova, len: qlen }, event_idx) }
+            .map_err(|err| format!("rx queue: {err}"))?;
     // SAFETY: as above.
     let mut txq = unsafe {
-        SplitQueue::new(size, QueueMemory { vaddr: base.add(qlen), device_addr: iova + qlen as u64, len: qlen }, event_idx)
+        SplitQueue::new(
+            size,
+            QueueMemory { vaddr: base.add(qlen), device_addr: iova + qlen as u64, len: qlen },
+            event_idx,
+        )
     }
     .map_err(|err| format!("tx queue: {err}"))?;
     t.setup_queue(0, &queue_addrs(&rxq)).map_err(e("setup rx"))?;
@@ -320,29 +324,36 @@ fn fault_then_recover(a: &Args, mut t: VfioPci) -> Result<VfioPci, String> {
     }
     say(format!("fault armed iova {dead:#x} status {:#x}", t.status()));
 
-    let end = Instant::now() + a.timeout;
-    let mut used = 0;
-    while t.is_alive() {
+    // QEMU either fails the device (DEVICE_NEEDS_RESET) or completes the buffer after the
+    // IOMMU dropped the write (its bounce-buffer path); either way nothing may land.
+    let end = Instant::now() + a.timeout.min(Duration::from_secs(30));
+    let mut used = Vec::new();
+    while t.is_alive() && used.is_empty() {
         if Instant::now() > end {
-            return Err(format!("the device never failed (status {:#x})", t.status()));
+            return Err(format!("the device neither failed nor completed the buffer (status {:#x})", t.status()));
         }
-        used += rxq.poll_used(usize::MAX, |_| {}).unwrap_or(0);
+        rxq.poll_used(usize::MAX, |u| used.push(u)).map_err(|err| format!("rx used ring: {err}"))?;
         let _ = txq.poll_used(usize::MAX, |_| {});
         std::thread::sleep(Duration::from_millis(1));
     }
-    used += rxq.poll_used(usize::MAX, |_| {}).unwrap_or(0);
     let status = t.status();
     t.stop();
+    let _ = rxq.poll_used(usize::MAX, |u| used.push(u));
     // SAFETY: the device is reset; the page is ours.
     let untouched = unsafe { std::slice::from_raw_parts(victim.ptr().as_ptr(), page) }.iter().all(|&b| b == 0x5a);
-    say(format!("fault detected status {status:#x} alive {} used {used} victim-untouched {untouched}", t.is_alive()));
+    say(format!(
+        "fault detected status {status:#x} alive-after-reset {} used {} used-len {} victim-untouched {untouched}",
+        t.is_alive(),
+        used.len(),
+        used.first().map_or(0, |u| u.len),
+    ));
     drop((rxq, txq));
     dma.unmap(iova, len).map_err(|err| format!("unmap: {err}"))?;
     drop(mem);
     t.reconnect().map_err(e("reconnect"))?;
     say(format!("reconnected status {:#x}", t.status()));
-    if used != 0 || !untouched {
-        return Err("the device completed a buffer it could not have written".into());
+    if !untouched {
+        return Err("the device wrote into a page through an IOVA that was unmapped".into());
     }
     Ok(t)
 }
@@ -373,7 +384,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Some(bdf) = a.bdf.clone().or_else(|| find_pci_devices(VIRTIO_PCI_VENDOR, VIRTIO_NET_MODERN_ID).into_iter().next())
+    let Some(bdf) =
+        a.bdf.clone().or_else(|| find_pci_devices(VIRTIO_PCI_VENDOR, VIRTIO_NET_MODERN_ID).into_iter().next())
     else {
         say("error no virtio-net PCI function");
         return ExitCode::FAILURE;

@@ -144,7 +144,8 @@ struct HostLog {
 /// Wait for the guest's broadcast frame whose payload starts with `text`.
 fn wait_hello(port: &HostPort, text: &str) -> Result<Vec<u8>, String> {
     port.recv_matching(Duration::from_secs(240), |f| {
-        eth_parse(f).is_some_and(|e| e.ethertype == ETHERTYPE && e.payload.starts_with(text.as_bytes()))
+        eth_parse(f)
+            .is_some_and(|e| e.ethertype == ETHERTYPE && e.payload.starts_with(text.as_bytes()))
     })
     .map_err(|e| format!("recv: {e}"))?
     .ok_or_else(|| format!("no {text:?} frame from the guest"))
@@ -161,11 +162,13 @@ fn host_side(port: &HostPort, frames: u32, phases: &[u32], fault: bool) -> HostL
             send_until(port, &poke, Instant::now() + Duration::from_secs(30))?;
         }
         for &phase in phases {
-            log.ready_frames.push(wait_hello(port, &format!("zcrx-vfio-rx ready {phase}"))?);
+            log.ready_frames
+                .push(wait_hello(port, &format!("zcrx-vfio-rx ready {phase}"))?);
             let deadline = Instant::now() + Duration::from_secs(240);
             for seq in 0..frames {
                 let f = test_frame(seq, phase, LENS[seq as usize % LENS.len()]);
-                send_until(port, &f, deadline).map_err(|e| format!("phase {phase} seq {seq}: {e}"))?;
+                send_until(port, &f, deadline)
+                    .map_err(|e| format!("phase {phase} seq {seq}: {e}"))?;
                 log.sent += 1;
             }
         }
@@ -176,16 +179,27 @@ fn host_side(port: &HostPort, frames: u32, phases: &[u32], fault: bool) -> HostL
 }
 
 /// Boot a guest running `vfio_rx ARGS --frames N --phases P` while the host side feeds it.
-fn run_rx(image_name: &str, args: &str, frames: u32, phases: &[u32], fault: bool) -> (VmResult, HostLog) {
+fn run_rx(
+    image_name: &str,
+    args: &str,
+    frames: u32,
+    phases: &[u32],
+    fault: bool,
+) -> (VmResult, HostLog) {
     let assets = assets();
     let image = GuestImage::builder(&assets)
         .nic(NicMode::Vfio)
         .binary(vfio_rx())
-        .command(&format!("vfio_rx --frames {frames} --phases {} --timeout 120 {args}", phases.len()))
+        .command(&format!(
+            "vfio_rx --frames {frames} --phases {} --timeout 120 {args}",
+            phases.len()
+        ))
         .write(image_path(image_name))
         .unwrap_or_else(|e| panic!("{e}"));
     let port = Arc::new(HostPort::new().unwrap());
-    let opts = VmOpts::default().host_port(&port).timeout(Duration::from_secs(400));
+    let opts = VmOpts::default()
+        .host_port(&port)
+        .timeout(Duration::from_secs(400));
     let vm = Vm::spawn(&image, &opts).unwrap_or_else(|e| panic!("{e}"));
     let host = {
         let port = port.clone();
@@ -194,7 +208,11 @@ fn run_rx(image_name: &str, args: &str, frames: u32, phases: &[u32], fault: bool
     };
     let r = vm.wait();
     let log = host.join().unwrap();
-    eprintln!("{image_name}: boot-to-poweroff {:.1} s, markers {:#?}", r.duration.as_secs_f64(), r.markers);
+    eprintln!(
+        "{image_name}: boot-to-poweroff {:.1} s, markers {:#?}",
+        r.duration.as_secs_f64(),
+        r.markers
+    );
     (r, log)
 }
 
@@ -203,7 +221,8 @@ fn check_phase(r: &VmResult, log: &HostLog, k: usize, phase: u32, frames: u32) {
     let reg = marker(r, &format!("vfio-rx registered phase {phase} "));
     // The MAC came from the device-config structure.
     assert_eq!(field(reg, "mac"), "52:54:00:12:34:56", "{reg}");
-    let features = u64::from_str_radix(field(reg, "features").trim_start_matches("0x"), 16).unwrap();
+    let features =
+        u64::from_str_radix(field(reg, "features").trim_start_matches("0x"), 16).unwrap();
     assert_ne!(features & VIRTIO_F_VERSION_1, 0, "{reg}");
     assert_ne!(features & VIRTIO_F_ACCESS_PLATFORM, 0, "{reg}");
     assert_ne!(features & VIRTIO_NET_F_MRG_RXBUF, 0, "{reg}");
@@ -212,12 +231,25 @@ fn check_phase(r: &VmResult, log: &HostLog, k: usize, phase: u32, frames: u32) {
         .split(',')
         .map(|s| {
             let (a, l) = s.split_once('+').unwrap();
-            (u64::from_str_radix(&a[2..], 16).unwrap(), u64::from_str_radix(&l[2..], 16).unwrap())
+            (
+                u64::from_str_radix(&a[2..], 16).unwrap(),
+                u64::from_str_radix(&l[2..], 16).unwrap(),
+            )
         })
         .collect();
     assert!(iovas.len() >= 2, "area and queue memory: {reg}");
-    assert!(iovas.iter().all(|&(a, _)| (1 << 30..256 << 30).contains(&a)), "{reg}");
-    assert!(iovas.iter().any(|&(a, l)| l == 4 << 20 && a % (2 << 20) == 0), "the 4 MiB area: {reg}");
+    assert!(
+        iovas
+            .iter()
+            .all(|&(a, _)| (1 << 30..256 << 30).contains(&a)),
+        "{reg}"
+    );
+    assert!(
+        iovas
+            .iter()
+            .any(|&(a, l)| l == 4 << 20 && a % (2 << 20) == 0),
+        "the 4 MiB area: {reg}"
+    );
     assert!(field(reg, "posted").parse::<u32>().unwrap() > 0, "{reg}");
 
     // The device read our tx queue: the host got the ready frame from the guest's MAC.
@@ -228,8 +260,16 @@ fn check_phase(r: &VmResult, log: &HostLog, k: usize, phase: u32, frames: u32) {
     let rx = marker(r, &format!("vfio-rx received phase {phase} "));
     assert_eq!(field(rx, "frames"), frames.to_string(), "{rx}");
     let lens = || (0..frames as usize).map(|s| LENS[s % LENS.len()]);
-    assert_eq!(field(rx, "bytes"), lens().sum::<usize>().to_string(), "{rx}");
-    assert_eq!(field(rx, "multi"), lens().filter(|&l| l > 4084).count().to_string(), "{rx}");
+    assert_eq!(
+        field(rx, "bytes"),
+        lens().sum::<usize>().to_string(),
+        "{rx}"
+    );
+    assert_eq!(
+        field(rx, "multi"),
+        lens().filter(|&l| l > 4084).count().to_string(),
+        "{rx}"
+    );
     assert_eq!(field(rx, "invalid"), "0", "{rx}");
     assert_eq!(field(rx, "device_errors"), "0", "{rx}");
     assert_eq!(field(rx, "zc"), field(rx, "completions"), "{rx}");
@@ -298,6 +338,12 @@ fn msix_through_eventfds() {
     assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
     assert!(r.success(), "{}", r.report());
     marker(&r, "vfio-rx msix enabled 2 vectors");
+    // QEMU signals each queue's first used-ring update regardless of suppression: both vectors
+    // reached their eventfds through VFIO.
+    let rx = marker(&r, "vfio-rx received phase 0 ");
+    let irqs = &rx[rx.find("irqs [").expect("irqs") + 6..rx.len() - 1];
+    let irqs: Vec<u64> = irqs.split(", ").map(|n| n.parse().unwrap()).collect();
+    assert!(irqs.len() == 2 && irqs.iter().all(|&n| n >= 1), "{rx}");
     check_phase(&r, &log, 0, 0, frames);
 }
 
@@ -308,19 +354,26 @@ fn iommu_blocks_an_unmapped_buffer_and_reset_recovers() {
     assert!(r.setup_error().is_none(), "{}", r.report());
     assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
     assert!(r.success(), "{}", r.report());
-    // The device could not write into the unmapped IOVA: it failed (DEVICE_NEEDS_RESET) when
-    // the host's frame arrived, completed nothing, and the page kept its contents.
+    // The device could not write through the unmapped IOVA: the guest's IOMMU driver logged
+    // the blocked DMA write at exactly that address, and the page kept its contents. (QEMU 7.2
+    // completes the buffer after the IOMMU dropped the write instead of failing the device;
+    // either is accepted, nothing may land.)
     let armed = marker(&r, "vfio-rx fault armed ");
     let dead = field(armed, "iova");
     let det = marker(&r, "vfio-rx fault detected ");
-    let status = u8::from_str_radix(field(det, "status").trim_start_matches("0x"), 16).unwrap();
-    assert_ne!(status & 0x40, 0, "DEVICE_NEEDS_RESET: {det}");
-    assert_eq!(field(det, "alive"), "true", "alive again after stop (reset): {det}");
-    assert_eq!(field(det, "used"), "0", "{det}");
     assert_eq!(field(det, "victim-untouched"), "true", "{det}");
-    // The guest's IOMMU driver saw the blocked DMA.
-    let fault_line = r.serial.lines().find(|l| l.contains("DMAR") && l.contains("fault addr"));
-    eprintln!("DMAR: {fault_line:?} (dead IOVA {dead})");
+    assert_eq!(field(det, "alive-after-reset"), "true", "{det}");
+    let status = u8::from_str_radix(field(det, "status").trim_start_matches("0x"), 16).unwrap();
+    assert!(status & 0x40 != 0 || field(det, "used") == "1", "{det}");
+    let dmar = r
+        .serial
+        .lines()
+        .find(|l| l.contains("DMAR") && l.contains(&format!("fault addr {dead}")));
+    assert!(
+        dmar.is_some_and(|l| l.contains("DMA Write")),
+        "no DMAR write fault at {dead}\n{}",
+        r.report()
+    );
     // Same transport, reset and reconnected, then a normal zero-copy phase.
     marker(&r, "vfio-rx reconnected status 0x3");
     check_phase(&r, &log, 0, 1, frames);

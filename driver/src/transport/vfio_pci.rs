@@ -153,10 +153,7 @@ fn check_window(kind: u8, w: CapWindow, bar_sizes: &[u64; 6]) -> Result<(), Stri
     }
     let end = w.offset as u64 + w.length as u64;
     if end > size {
-        return Err(format!(
-            "{:#x}+{:#x} is outside BAR {bar} ({size:#x} bytes)",
-            w.offset, w.length
-        ));
+        return Err(format!("{:#x}+{:#x} is outside BAR {bar} ({size:#x} bytes)", w.offset, w.length));
     }
     let (min_len, align) = match kind {
         cfg_type::COMMON => (COMMON_CFG_MIN_LEN, 4),
@@ -270,7 +267,8 @@ pub fn normalize_bdf(s: &str) -> Result<String, TransportError> {
     let (dom_bus, devfn) = full.rsplit_once(':').ok_or_else(bad)?;
     let (dom, bus) = dom_bus.split_once(':').ok_or_else(bad)?;
     let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
-    let hex = |p: &str, n: std::ops::RangeInclusive<usize>| n.contains(&p.len()) && p.bytes().all(|c| c.is_ascii_hexdigit());
+    let hex =
+        |p: &str, n: std::ops::RangeInclusive<usize>| n.contains(&p.len()) && p.bytes().all(|c| c.is_ascii_hexdigit());
     if !hex(dom, 4..=8) || !hex(bus, 2..=2) || !hex(dev, 2..=2) || !hex(func, 1..=1) {
         return Err(bad());
     }
@@ -291,7 +289,9 @@ pub fn find_pci_devices(vendor: u16, device: u16) -> Vec<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| read_id(e.path().join("vendor")) == Some(vendor) && read_id(e.path().join("device")) == Some(device))
+        .filter(|e| {
+            read_id(e.path().join("vendor")) == Some(vendor) && read_id(e.path().join("device")) == Some(device)
+        })
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     out.sort();
@@ -346,7 +346,10 @@ impl DmaMap for VfioDma {
             Ok(()) => Ok(iova),
             Err(e) => {
                 let _ = iova_alloc.free(iova, len);
-                Err(DmaError::new(format!("VFIO_IOMMU_MAP_DMA of {len:#x} bytes at IOVA {iova:#x}: {}", explain_map_error(&e))))
+                Err(DmaError::new(format!(
+                    "VFIO_IOMMU_MAP_DMA of {len:#x} bytes at IOVA {iova:#x}: {}",
+                    explain_map_error(&e)
+                )))
             }
         }
     }
@@ -622,7 +625,7 @@ fn open_error(bdf: &str, group: u32, e: VfioError) -> TransportError {
             format!("{e}: permission denied (run as root, or chown /dev/vfio/{group})")
         }
         VfioError::OpenGroup(io, _) if io.raw_os_error() == Some(libc::EBUSY) => {
-            format!("{e}: the group is already open (another process drives it)")
+            format!("{e}: the group is already open (by another process, or by an earlier VfioPci whose areas are still alive)")
         }
         VfioError::GroupGetDeviceFD(s) if s.errno() == libc::EBUSY => {
             format!("{e}: the device is in use")
@@ -661,14 +664,16 @@ impl VfioPci {
         let mut cfg = vec![0u8; (cfg_size as usize).min(pci::CFG_SPACE)];
         // SAFETY: `device` owns the fd and outlives this borrow.
         let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
-        let n = rustix::io::pread(bfd, &mut cfg[..], cfg_off).map_err(|e| TransportError::device("config space read", e))?;
+        let n = rustix::io::pread(bfd, &mut cfg[..], cfg_off)
+            .map_err(|e| TransportError::device("config space read", e))?;
         cfg.truncate(n);
         if cfg.len() < pci::HEADER_END {
             return Err(TransportError::device("config space read", format!("only {n} bytes")));
         }
         let vendor = le16(&cfg, pci::VENDOR_ID);
         let devid = le16(&cfg, pci::DEVICE_ID);
-        let virtio = vendor == VIRTIO_PCI_VENDOR && ((0x1000..=0x103f).contains(&devid) || (0x1040..=0x107f).contains(&devid));
+        let virtio =
+            vendor == VIRTIO_PCI_VENDOR && ((0x1000..=0x103f).contains(&devid) || (0x1040..=0x107f).contains(&devid));
         if !virtio {
             return Err(TransportError::Unsupported(format!(
                 "{bdf} ({vendor:04x}:{devid:04x}) is not a virtio PCI device (vendor 1af4, device 1000-107f)"
@@ -679,8 +684,9 @@ impl VfioPci {
         for (i, s) in bar_sizes.iter_mut().enumerate() {
             *s = device.get_region_size(i as u32);
         }
-        let caps = parse_virtio_caps(&cfg, &bar_sizes)
-            .map_err(|e| TransportError::device("virtio capabilities", format!("{bdf} ({vendor:04x}:{devid:04x}): {e}")))?;
+        let caps = parse_virtio_caps(&cfg, &bar_sizes).map_err(|e| {
+            TransportError::device("virtio capabilities", format!("{bdf} ({vendor:04x}:{devid:04x}): {e}"))
+        })?;
 
         // Map what can be mapped of the BARs the structures live in.
         let mut wanted: Vec<CapWindow> = vec![caps.common, caps.notify, caps.isr];
@@ -696,10 +702,11 @@ impl VfioPci {
             let flags = device.get_region_flags(w.bar as u32);
             let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
             let (start, end) = (w.offset as u64, w.offset as u64 + w.length as u64);
-            let ptr = bars.iter().find(|m| m.bar == w.bar && m.offset <= start && end <= m.offset + m.len as u64).map(|m| {
-                // SAFETY: start - m.offset < m.len (checked just above).
-                unsafe { NonNull::new_unchecked(m.ptr.as_ptr().add((start - m.offset) as usize)) }
-            });
+            let ptr =
+                bars.iter().find(|m| m.bar == w.bar && m.offset <= start && end <= m.offset + m.len as u64).map(|m| {
+                    // SAFETY: start - m.offset < m.len (checked just above).
+                    unsafe { NonNull::new_unchecked(m.ptr.as_ptr().add((start - m.offset) as usize)) }
+                });
             if ptr.is_none() && flags & rw != rw {
                 return Err(TransportError::device(
                     "BAR access",
@@ -745,7 +752,10 @@ impl VfioPci {
             Ok(a) => a,
             Err(e) => {
                 unmap_bars(&mut bars);
-                return Err(TransportError::device("IOVA window", format!("{:#x}..{:#x}: {e}", window.start, window.end)));
+                return Err(TransportError::device(
+                    "IOVA window",
+                    format!("{:#x}..{:#x}: {e}", window.start, window.end),
+                ));
             }
         };
         tracing::debug!("{bdf}: IOMMU group {group}, reserved {reserved:x?}, IOVA windows {:x?}", iova.windows());
@@ -926,17 +936,32 @@ fn map_bar(device: &VfioDevice, bar: u8, out: &mut Vec<BarMmap>) {
     // SAFETY: the device owns the fd for the duration of this call.
     let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
     for (off, len) in areas {
-        let ok = len > 0 && off % page == 0 && off.checked_add(len).is_some_and(|e| e <= size) && usize::try_from(len).is_ok();
+        let ok = len > 0
+            && off % page == 0
+            && off.checked_add(len).is_some_and(|e| e <= size)
+            && usize::try_from(len).is_ok();
         if !ok {
             tracing::warn!("BAR {bar}: ignoring sparse mmap area {off:#x}+{len:#x} (region {size:#x})");
             continue;
         }
         // SAFETY: a fresh shared mapping of device memory; nothing else is at that address.
         let r = unsafe {
-            rustix::mm::mmap(std::ptr::null_mut(), len as usize, prot, rustix::mm::MapFlags::SHARED, fd, region_off + off)
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                prot,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                region_off + off,
+            )
         };
         match r {
-            Ok(p) => out.push(BarMmap { bar, offset: off, len: len as usize, ptr: NonNull::new(p as *mut u8).expect("mmap != NULL") }),
+            Ok(p) => out.push(BarMmap {
+                bar,
+                offset: off,
+                len: len as usize,
+                ptr: NonNull::new(p as *mut u8).expect("mmap != NULL"),
+            }),
             Err(e) => tracing::warn!("BAR {bar}: mmap of {off:#x}+{len:#x} failed ({e}); using pread/pwrite"),
         }
     }
@@ -1023,21 +1048,33 @@ impl Transport for VfioPci {
         self.select_queue(q)?;
         let max = self.common.r16(common::QUEUE_SIZE);
         if a.size == 0 || !a.size.is_power_of_two() || a.size > max {
-            return Err(TransportError::device("queue_size", format!("queue {q}: size {} (device maximum {max})", a.size)));
+            return Err(TransportError::device(
+                "queue_size",
+                format!("queue {q}: size {} (device maximum {max})", a.size),
+            ));
         }
         if self.common.r16(common::QUEUE_ENABLE) != 0 {
-            return Err(TransportError::device("queue_enable", format!("queue {q} is already enabled (no reset since?)")));
+            return Err(TransportError::device(
+                "queue_enable",
+                format!("queue {q} is already enabled (no reset since?)"),
+            ));
         }
         let (desc, avail, used) = (a.desc.1, a.avail.1, a.used.1);
         if desc % 16 != 0 || avail % 2 != 0 || used % 4 != 0 {
-            return Err(TransportError::device("queue addresses", format!("misaligned: {desc:#x} {avail:#x} {used:#x}")));
+            return Err(TransportError::device(
+                "queue addresses",
+                format!("misaligned: {desc:#x} {avail:#x} {used:#x}"),
+            ));
         }
         // The notify address must lie inside the notify structure (2 bytes written there).
         let off = self.common.r16(common::QUEUE_NOTIFY_OFF) as u64 * self.notify_off_multiplier as u64;
         if off + 2 > self.notify.len {
             return Err(TransportError::device(
                 "queue_notify_off",
-                format!("queue {q}: notify offset {off:#x} is outside the notify structure ({:#x} bytes)", self.notify.len),
+                format!(
+                    "queue {q}: notify offset {off:#x} is outside the notify structure ({:#x} bytes)",
+                    self.notify.len
+                ),
             ));
         }
         self.common.w16(common::QUEUE_SIZE, a.size);
@@ -1047,7 +1084,10 @@ impl Transport for VfioPci {
         };
         self.common.w16(common::QUEUE_MSIX_VECTOR, vector);
         if vector != VIRTIO_MSI_NO_VECTOR && self.common.r16(common::QUEUE_MSIX_VECTOR) != vector {
-            return Err(TransportError::device("queue_msix_vector", format!("queue {q}: the device refused vector {vector}")));
+            return Err(TransportError::device(
+                "queue_msix_vector",
+                format!("queue {q}: the device refused vector {vector}"),
+            ));
         }
         self.write64(common::QUEUE_DESC, desc);
         self.write64(common::QUEUE_DRIVER, avail);
@@ -1058,7 +1098,9 @@ impl Transport for VfioPci {
     }
 
     fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), TransportError> {
-        let w = self.device_cfg.ok_or_else(|| TransportError::Unsupported(format!("{} has no device configuration structure", self.bdf)))?;
+        let w = self.device_cfg.ok_or_else(|| {
+            TransportError::Unsupported(format!("{} has no device configuration structure", self.bdf))
+        })?;
         let off = offset as u64;
         if off + buf.len() as u64 > w.len {
             return Err(TransportError::device(
@@ -1260,7 +1302,10 @@ mod tests {
         // Pointer into the header.
         assert_eq!(parse_virtio_caps(&Cfg::new().first(0x20).0, &BARS), Err(CapError::PointerInHeader { ptr: 0x20 }));
         // Empty list: nothing found.
-        assert!(matches!(parse_virtio_caps(&Cfg::new().0, &BARS), Err(CapError::Missing { what: "common configuration", .. })));
+        assert!(matches!(
+            parse_virtio_caps(&Cfg::new().0, &BARS),
+            Err(CapError::Missing { what: "common configuration", .. })
+        ));
         // Low two bits of pointers are ignored (reserved).
         let c = qemu_like().first(0x9b);
         assert!(parse_virtio_caps(&c.0, &BARS).is_ok());
@@ -1320,7 +1365,7 @@ mod tests {
     fn caps_outside_their_bar_are_rejected() {
         let cases: &[(u8, u32, u32, &str)] = &[
             (4, 0x3800, 0x1000, "outside BAR 4"),
-            (4, 0xffff_ff00, 0x1000, "outside BAR 4"),   // offset + length overflows u32
+            (4, 0xffff_ff00, 0x1000, "outside BAR 4"), // offset + length overflows u32
             (4, 0x0000, 0xffff_ffff, "outside BAR 4"),
             (2, 0x0000, 0x1000, "BAR 2 is not implemented"),
             (6, 0x0000, 0x1000, "BAR 6 does not exist"),
@@ -1395,7 +1440,16 @@ mod tests {
         assert_eq!(normalize_bdf("0000:00:03.0").unwrap(), "0000:00:03.0");
         assert_eq!(normalize_bdf("00:1F.7").unwrap(), "0000:00:1f.7");
         assert_eq!(normalize_bdf("10000:af:00.1").unwrap(), "10000:af:00.1");
-        for bad in ["", "0000:00:03", "0000:00:20.0", "0000:00:03.8", "../../x:00:03.0", "0000:00:03.0/..", "00:3.0", "0000/00:03.0"] {
+        for bad in [
+            "",
+            "0000:00:03",
+            "0000:00:20.0",
+            "0000:00:03.8",
+            "../../x:00:03.0",
+            "0000:00:03.0/..",
+            "00:3.0",
+            "0000/00:03.0",
+        ] {
             assert!(normalize_bdf(bad).is_err(), "{bad}");
         }
     }
