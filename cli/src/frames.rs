@@ -54,6 +54,10 @@ impl RxSide for DeviceSide {
     }
 }
 
+/// Say on stderr when the device is ready (buffers posted): peers that must not send earlier
+/// wait for it (`zcrx rx` sets it; the demo and benchmarks stay quiet).
+pub static ANNOUNCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Joins a frame's fragments; verifies generated frames; writes pcap; counts (in a cell the
 /// receive loop's stop condition can read while the sink is borrowed).
 pub struct FrameSink<'a> {
@@ -109,10 +113,10 @@ impl Sink for FrameSink<'_> {
     }
 }
 
-/// Receive frames zero-copy from the vhost-user backend at `path` until `count` frames, the
+/// Receive frames zero-copy from the device behind `transport` until `count` frames, the
 /// deadline, or Ctrl-C. Returns the run and its duration in seconds.
-pub fn receive_vhost_user(
-    path: &std::path::Path,
+pub fn receive_device(
+    transport: Box<dyn driver::transport::Transport>,
     reg: zcrx::IfqReg,
     area: zcrx::AreaReg,
     sink: &mut FrameSink<'_>,
@@ -121,9 +125,12 @@ pub fn receive_vhost_user(
     progress: &mut dyn FnMut(u64),
 ) -> Result<(crate::receive::RunStats, f64), String> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
-    let (rx, user) =
-        driver::register_ifq(Box::new(transport), reg, area, driver::NetConfig::default()).map_err(|e| e.to_string())?;
+    let device = transport.describe();
+    let (rx, user) = driver::register_ifq(transport, reg, area, driver::NetConfig::default()).map_err(|e| e.to_string())?;
+    tracing::info!("receiving zero-copy from {device}");
+    if crate::frames::ANNOUNCE.load(Ordering::Relaxed) {
+        eprintln!("zcrx: receiving zero-copy from {device}");
+    }
     let stop = AtomicBool::new(false);
     let frames = sink.frames;
     let start = std::time::Instant::now();
@@ -138,4 +145,18 @@ pub fn receive_vhost_user(
     };
     let run = crate::receive::run_inline(Box::new(DeviceSide::new(rx)), user, sink, &mut check, &stop)?;
     Ok((run, start.elapsed().as_secs_f64()))
+}
+
+/// [`receive_device`] from the vhost-user backend listening at `path`.
+pub fn receive_vhost_user(
+    path: &std::path::Path,
+    reg: zcrx::IfqReg,
+    area: zcrx::AreaReg,
+    sink: &mut FrameSink<'_>,
+    count: Option<u64>,
+    deadline: Option<std::time::Instant>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(crate::receive::RunStats, f64), String> {
+    let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
+    receive_device(Box::new(transport), reg, area, sink, count, deadline, progress)
 }

@@ -10,6 +10,7 @@ mod progress;
 mod receive;
 mod rx;
 mod sender;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,9 @@ enum Cmd {
     Rx(rx::RxArgs),
     /// Run our vhost-user-net backend (a software NIC): gen, sink, reflect or tap.
     Backend(backend::BackendArgs),
+    /// On the host: boot a QEMU guest with a vfio-bound virtio-net NIC and receive zero-copy
+    /// in it over VFIO (needs ci/install-vm.sh).
+    Vm(vm::VmArgs),
     /// Benchmarks, each against its baselines in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Rx(a) => rx::run(a),
         Cmd::Bench(b) => bench::run(b),
         Cmd::Backend(a) => backend::run(a),
+        Cmd::Vm(a) => vm::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

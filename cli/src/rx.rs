@@ -23,8 +23,12 @@ pub struct RxArgs {
     pub nodev: bool,
     /// Zero copy from a vhost-user-net backend listening on this socket (our driver is the
     /// frontend; the backend writes frames straight into the area).
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", conflicts_with = "vfio")]
     pub vhost_user: Option<std::path::PathBuf>,
+    /// Zero copy from the virtio-net PCI function at this address, bound to vfio-pci (inside a
+    /// VM with an IOMMU: the device DMAs into the area through it).
+    #[arg(long, value_name = "BDF", conflicts_with = "nodev")]
+    pub vfio: Option<String>,
     /// Verify frames made by `zcrx backend --mode gen` with this seed.
     #[arg(long)]
     pub verify_seed: Option<u64>,
@@ -114,10 +118,13 @@ impl Sink for PcapSink<'_> {
 
 pub fn run(a: &RxArgs) -> Result<(), String> {
     if let Some(path) = &a.vhost_user {
-        return rx_vhost_user(a, path);
+        return rx_device(a, Device::VhostUser(path));
+    }
+    if let Some(bdf) = &a.vfio {
+        return rx_device(a, Device::Vfio(bdf));
     }
     if !a.nodev {
-        return Err("choose a mode: --nodev (copy from a kernel socket) or --vhost-user SOCKET (zero copy)".into());
+        return Err("choose a mode: --nodev (copy from a kernel socket), --vhost-user SOCKET or --vfio BDF (zero copy)".into());
     }
     if a.verify_seed.is_some() {
         return Err("--verify-seed needs --vhost-user".into());
@@ -260,13 +267,19 @@ fn rx_udp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadlin
     Ok((run, datagrams.get()))
 }
 
-fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
+/// A zero-copy device to receive from.
+enum Device<'a> {
+    VhostUser(&'a std::path::Path),
+    Vfio(&'a str),
+}
+
+fn rx_device(a: &RxArgs, dev: Device<'_>) -> Result<(), String> {
     use crate::frames::FrameSink;
     if a.listen.is_some() || a.udp {
-        return Err("--listen and --udp are for --nodev; --vhost-user receives frames from the backend".into());
+        return Err("--listen and --udp are for --nodev; a device delivers Ethernet frames".into());
     }
     if a.method != Method::Readv {
-        return Err("--method chooses how NODEV reads a socket; it means nothing with --vhost-user".into());
+        return Err("--method chooses how NODEV reads a socket; it means nothing with a device".into());
     }
     if let Some(d) = a.duration {
         if !(d > 0.0 && d.is_finite()) {
@@ -275,7 +288,7 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
     }
     let (mut reg, mut area) = a.ifq.reg()?;
     reg.flags &= !zcrx::uapi::ZCRX_REG_NODEV;
-    if a.ifq.memory.is_none() {
+    if a.ifq.memory.is_none() && matches!(dev, Device::VhostUser(_)) {
         // Shared with the backend by fd.
         if let zcrx::AreaSource::Allocate { kind, .. } = &mut area.memory {
             *kind = zcrx::MemoryKind::Memfd;
@@ -297,7 +310,16 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
     let frames = std::cell::Cell::new(0u64);
     let mut sink = FrameSink::new(verify, pcap, &frames);
     let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let (run, secs) = crate::frames::receive_vhost_user(path, reg, area, &mut sink, a.count, deadline, &mut |_| {})?;
+    let transport: Box<dyn driver::transport::Transport> = match dev {
+        Device::VhostUser(path) => Box::new(driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?),
+        Device::Vfio(bdf) => Box::new(driver::transport::vfio_pci::VfioPci::open(bdf).map_err(|e| e.to_string())?),
+    };
+    let mode = match dev {
+        Device::VhostUser(_) => "vhost-user-zc",
+        Device::Vfio(_) => "vfio-zc",
+    };
+    crate::frames::ANNOUNCE.store(true, Ordering::Relaxed);
+    let (run, secs) = crate::frames::receive_device(transport, reg, area, &mut sink, a.count, deadline, &mut |_| {})?;
     if let Some(w) = sink.pcap.as_mut() {
         w.flush().map_err(|e| format!("pcap: {e}"))?;
     }
@@ -307,7 +329,7 @@ fn rx_vhost_user(a: &RxArgs, path: &std::path::Path) -> Result<(), String> {
         println!(
             "{}",
             json!({
-                "mode": "vhost-user-zc", "frames": frames.get(), "bytes": run.bytes, "completions": run.completions,
+                "mode": mode, "frames": frames.get(), "bytes": run.bytes, "completions": run.completions,
                 "seconds": secs, "mpps": frames.get() as f64 / secs / 1e6, "gbit_per_s": run.bytes as f64 * 8.0 / secs / 1e9,
                 "zc_count": s.zc_count, "zc_bytes": s.zc_bytes, "copy_count": s.copy_count,
                 "invalid_rqes": s.invalid_rqes, "refilled": s.refilled,

@@ -324,14 +324,13 @@ fn fault_then_recover(a: &Args, mut t: VfioPci) -> Result<VfioPci, String> {
     }
     say(format!("fault armed iova {dead:#x} status {:#x}", t.status()));
 
-    // QEMU either fails the device (DEVICE_NEEDS_RESET) or completes the buffer after the
-    // IOMMU dropped the write (its bounce-buffer path); either way nothing may land.
-    let end = Instant::now() + a.timeout.min(Duration::from_secs(30));
+    // QEMU fails the device (DEVICE_NEEDS_RESET), or completes the buffer after the IOMMU
+    // dropped the write (its bounce-buffer path), or - when the write was attempted before we
+    // got here - leaves the buffer pending. Whichever: nothing may land, and the guest's IOMMU
+    // driver logs the blocked write (the host test checks both).
+    let end = Instant::now() + a.timeout.min(Duration::from_secs(10));
     let mut used = Vec::new();
-    while t.is_alive() && used.is_empty() {
-        if Instant::now() > end {
-            return Err(format!("the device neither failed nor completed the buffer (status {:#x})", t.status()));
-        }
+    while t.is_alive() && used.is_empty() && Instant::now() < end {
         rxq.poll_used(usize::MAX, |u| used.push(u)).map_err(|err| format!("rx used ring: {err}"))?;
         let _ = txq.poll_used(usize::MAX, |_| {});
         std::thread::sleep(Duration::from_millis(1));

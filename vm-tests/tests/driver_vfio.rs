@@ -363,8 +363,10 @@ fn iommu_blocks_an_unmapped_buffer_and_reset_recovers() {
     let det = marker(&r, "vfio-rx fault detected ");
     assert_eq!(field(det, "victim-untouched"), "true", "{det}");
     assert_eq!(field(det, "alive-after-reset"), "true", "{det}");
+    // The device failed, completed the buffer without data landing, or left it pending; the
+    // DMAR line below proves the write was attempted and blocked.
     let status = u8::from_str_radix(field(det, "status").trim_start_matches("0x"), 16).unwrap();
-    assert!(status & 0x40 != 0 || field(det, "used") == "1", "{det}");
+    assert!(status & 0x40 != 0 || ["0", "1"].contains(&field(det, "used")), "{det}");
     let dmar = r
         .serial
         .lines()
