@@ -53,6 +53,9 @@ pub struct VmOpts {
     pub qemu_args: Vec<String>,
     /// Copy serial lines to stderr as they arrive (default: `ZCRX_VM_ECHO=1`).
     pub echo: bool,
+    /// Put the NIC behind the emulated intel-iommu (`iommu_platform=on`, default). Off for
+    /// vhost-user backends without IOTLB support (ours: `vhost-user-backend` has none).
+    pub iommu: bool,
 }
 
 impl Default for VmOpts {
@@ -71,6 +74,7 @@ impl Default for VmOpts {
             append: String::new(),
             qemu_args: Vec::new(),
             echo: std::env::var("ZCRX_VM_ECHO").is_ok_and(|v| v == "1"),
+            iommu: true,
         }
     }
 }
@@ -208,10 +212,13 @@ impl Vm {
             cmdline.push_str(&opts.append);
         }
         push(&cmdline);
-        push("-device");
-        push("intel-iommu,intremap=on,caching-mode=on");
+        if opts.iommu {
+            push("-device");
+            push("intel-iommu,intremap=on,caching-mode=on");
+        }
         let mut nic = format!(
-            "virtio-net-pci,disable-legacy=on,iommu_platform=on,romfile=,mac={}",
+            "virtio-net-pci,disable-legacy=on,iommu_platform={},romfile=,mac={}",
+            if opts.iommu { "on" } else { "off" },
             mac_string(opts.mac)
         );
         match &opts.net {
