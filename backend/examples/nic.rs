@@ -7,11 +7,24 @@
 //!   --count N   --rate FPS   --seed S   --verify   --cpu C   --secs S (default: until Ctrl-C/EOF... 3600)
 //!   --interval-ms MS          print a stats line this often (default 1000)
 //! ```
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backend::{BackendConfig, GenConfig, Mode, SinkConfig};
 
+static QUIT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    QUIT.store(true, Ordering::Relaxed);
+}
+
 fn main() {
+    // Ctrl-C / SIGTERM: stop the backend cleanly (removes its sockets).
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
         eprintln!("usage: nic SOCKET gen|sink|reflect|tap:IFNAME [--len N|MIN-MAX] [--count N] [--rate FPS] [--seed S] [--verify] [--cpu C] [--secs S] [--interval-ms MS]");
@@ -99,8 +112,11 @@ fn main() {
     let t0 = Instant::now();
     let mut last = b.stats();
     let mut lt = Instant::now();
-    while t0.elapsed() < Duration::from_secs(secs) {
-        std::thread::sleep(Duration::from_millis(interval));
+    while t0.elapsed() < Duration::from_secs(secs) && !QUIT.load(Ordering::Relaxed) {
+        let tick = Instant::now();
+        while tick.elapsed() < Duration::from_millis(interval) && !QUIT.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let s = b.stats();
         let dt = lt.elapsed().as_secs_f64();
         let polls = (s.polls - last.polls).max(1);

@@ -36,7 +36,7 @@ pub(crate) const F_IN_ORDER: u64 = 1 << 35;
 /// "invalid parameter" (see [`ACCESS_PLATFORM_ERROR`]). QEMU refuses at
 /// init any backend that offers it without the REPLY_ACK and BACKEND_REQ
 /// protocol features (even for iommu_platform=off devices), hence
-/// BACKEND_REQ in [`PROTOCOL_FEATURES`]; frontends that do not want
+/// BACKEND_REQ in [`protocol_features`]; frontends that do not want
 /// ACCESS_PLATFORM (QEMU with iommu_platform=off, DPDK virtio_user) simply
 /// do not acknowledge it.
 pub(crate) const FEATURES: u64 = F_MAC

@@ -26,6 +26,11 @@
 //! ACCESS_PLATFORM without BACKEND_REQ, hence that protocol feature; its
 //! channel is accepted and never used.) The config space holds the MAC.
 //!
+//! The frontend's connection reaches vhost-user-backend through a small
+//! relay (src/proxy.rs) that fixes one incompatibility with QEMU: QEMU sends
+//! SET_VRING_ENABLE before SET_FEATURES, which the vhost crate rejects by
+//! dropping the connection (tests/qemu.rs checks QEMU 7.2's handshake).
+//!
 //! The control plane is vhost-user-backend/virtio-queue/vm-memory; the
 //! per-frame path runs on a busy-polling thread over raw ring memory that is
 //! translated once and bounds-checked per descriptor (every address and
@@ -33,16 +38,22 @@
 //! returned with length 0 and skipped). Used indices are published once per
 //! burst; interrupts are sent only when the frontend asks (EVENT_IDX
 //! used_event, or !VRING_AVAIL_F_NO_INTERRUPT). No allocation per frame.
+//!
+//! By hand: `cargo run --release -p zcrx-backend --example nic -- SOCKET gen
+//! --len 64` (see examples/nic.rs). Tests: tests/frontend.rs drives it with a
+//! hand-written (also malicious) frontend, tests/dpdk.rs with DPDK testpmd's
+//! virtio_user (install it with ci/install-dpdk.sh).
 
 mod device;
 mod engine;
+mod proxy;
 mod ring;
 mod stats;
 mod tap;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -182,6 +193,7 @@ struct Control {
     stop: AtomicBool,
     stop_efd: EventFd,
     current: Mutex<Option<ShutdownHandle>>,
+    current_front: Mutex<Option<UnixStream>>,
 }
 
 /// A running backend. [`stop`](Backend::stop) or dropping it closes the
@@ -236,6 +248,9 @@ impl Backend {
         let _ = self.ctl.stop_efd.write(1);
         if let Some(h) = self.ctl.current.lock().unwrap().as_ref() {
             h.shutdown();
+        }
+        if let Some(f) = self.ctl.current_front.lock().unwrap().as_ref() {
+            let _ = f.shutdown(std::net::Shutdown::Both);
         }
         let _ = t.join();
         let _ = std::fs::remove_file(&self.socket);
@@ -292,12 +307,14 @@ pub fn start(cfg: BackendConfig) -> Result<Backend, Error> {
         stop: AtomicBool::new(false),
         stop_efd: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::Start)?,
         current: Mutex::new(None),
+        current_front: Mutex::new(None),
     });
+    let internal = Internal::new().map_err(Error::Start)?;
     let socket = cfg.socket.clone();
     let (sh, c) = (shared.clone(), ctl.clone());
     let thread = std::thread::Builder::new()
         .name("zcrx-nic".into())
-        .spawn(move || serve(listener, cfg, sh, c, tap))
+        .spawn(move || serve(listener, internal, cfg, sh, c, tap))
         .map_err(Error::Start)?;
     Ok(Backend {
         socket,
@@ -332,16 +349,52 @@ fn mode_state(cfg: &BackendConfig, tap: &Option<Arc<OwnedFd>>) -> ModeState {
     }
 }
 
+/// The private listener vhost-user-backend accepts the relayed connection
+/// on (see proxy.rs): a socket in a fresh 0700 directory.
+struct Internal {
+    dir: PathBuf,
+    path: PathBuf,
+    listener: Listener,
+}
+
+impl Internal {
+    fn new() -> io::Result<Internal> {
+        use std::os::unix::fs::DirBuilderExt;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "zcrx-nic-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let path = dir.join("vhost.sock");
+        let listener = Listener::from(UnixListener::bind(&path)?);
+        Ok(Internal {
+            dir,
+            path,
+            listener,
+        })
+    }
+}
+
+impl Drop for Internal {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// Accept loop: one frontend at a time, a fresh vhost-user daemon (and
-/// generator/verifier state) per connection.
+/// generator/verifier state) per connection, reached through the relay in proxy.rs.
 fn serve(
     listener: UnixListener,
+    mut internal: Internal,
     cfg: BackendConfig,
     shared: Arc<Shared>,
     ctl: Arc<Control>,
     tap: Option<Arc<OwnedFd>>,
 ) {
-    let mut listener = Listener::from(listener);
     loop {
         {
             // SAFETY: both fds outlive this block.
@@ -369,6 +422,14 @@ fn serve(
                 continue;
             }
         }
+        let front = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accepting a frontend: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
         let engine = Engine::new(
             mode_state(&cfg, &tap),
             shared.clone(),
@@ -381,7 +442,6 @@ fn serve(
             Ok(d) => Arc::new(d),
             Err(e) => {
                 shared.set_error(format!("cannot create the device: {e}"));
-                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
@@ -389,27 +449,45 @@ fn serve(
             Ok(d) => d,
             Err(e) => {
                 shared.set_error(format!("cannot create the vhost-user daemon: {e}"));
-                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
-            shared.set_error(format!("accepting a frontend: {e}"));
-            tracing::warn!("accepting a frontend: {e}");
-            std::thread::sleep(Duration::from_millis(100));
+        // Relay the frontend to the daemon through the private socket.
+        let back = match UnixStream::connect(&internal.path) {
+            Ok(b) => b,
+            Err(e) => {
+                shared.set_error(format!("connecting the vhost-user relay: {e}"));
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut internal.listener) {
+            shared.set_error(format!("accepting the relayed frontend: {e}"));
+            tracing::warn!("accepting the relayed frontend: {e}");
             continue;
         }
+        let front_ctl = front.try_clone().ok();
+        let relay = std::thread::Builder::new()
+            .name("zcrx-nic-relay".into())
+            .spawn(move || proxy::relay(front, back));
         shared.connections.fetch_add(1, Ordering::Relaxed);
         shared.connected.store(true, Ordering::Relaxed);
         tracing::info!("frontend connected on {}", cfg.socket.display());
         let handle = daemon.shutdown_handle();
         *dev.shutdown.lock().unwrap() = handle.clone();
         *ctl.current.lock().unwrap() = handle;
-        if ctl.stop.load(Ordering::SeqCst) || dev.fatal.load(Ordering::SeqCst) {
+        *ctl.current_front.lock().unwrap() = front_ctl.as_ref().and_then(|f| f.try_clone().ok());
+        if relay.is_err() || ctl.stop.load(Ordering::SeqCst) || dev.fatal.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         }
         let r = daemon.wait();
         *ctl.current.lock().unwrap() = None;
+        *ctl.current_front.lock().unwrap() = None;
+        if let Some(f) = &front_ctl {
+            let _ = f.shutdown(std::net::Shutdown::Both);
+        }
+        if let Ok(t) = relay {
+            let _ = t.join();
+        }
         dev.release();
         shared.connected.store(false, Ordering::Relaxed);
         match r {

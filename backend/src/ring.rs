@@ -290,7 +290,9 @@ impl RawQueue {
         if avail > far {
             let slot = (self.next_avail.wrapping_add(far) & self.mask) as usize;
             // SAFETY: slot < size, inside the checked avail area.
-            let head = u16::from_le(unsafe { ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16) });
+            let head = u16::from_le(unsafe {
+                ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16)
+            });
             if head < self.size {
                 // SAFETY: head < size: inside the checked descriptor table.
                 prefetch(unsafe { self.desc.add(head as usize) } as *const u8, false);
@@ -299,7 +301,9 @@ impl RawQueue {
         if avail > ahead {
             let slot = (self.next_avail.wrapping_add(ahead) & self.mask) as usize;
             // SAFETY: as above.
-            let head = u16::from_le(unsafe { ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16) });
+            let head = u16::from_le(unsafe {
+                ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16)
+            });
             if head < self.size {
                 // SAFETY: head < size.
                 let d = unsafe { ptr::read_volatile(self.desc.add(head as usize)) };

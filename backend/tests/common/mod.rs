@@ -38,8 +38,23 @@ pub const HDR: usize = 12;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
-/// A fresh directory for sockets under the system temp dir.
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A fresh directory for sockets under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!(
         "zcrx-backend-{tag}-{}-{}",
         std::process::id(),
@@ -47,7 +62,30 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
+}
+
+/// A socket path inside its own [`TempDir`].
+pub struct Sock {
+    pub path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Sock {
+    pub fn new(tag: &str) -> Sock {
+        let dir = temp_dir(tag);
+        Sock {
+            path: dir.join("sock"),
+            _dir: dir,
+        }
+    }
+}
+
+impl std::ops::Deref for Sock {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
 }
 
 pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -157,9 +195,17 @@ impl TestFrontend {
     pub fn connect_with(
         sock: &Path,
         want: u64,
+        tweak: impl FnMut(usize, &mut VringConfigData),
+    ) -> TestFrontend {
+        Self::handshake(Self::connect_raw(sock), want, tweak)
+    }
+
+    /// The handshake on an already connected `Frontend`.
+    pub fn handshake(
+        mut fe: Frontend,
+        want: u64,
         mut tweak: impl FnMut(usize, &mut VringConfigData),
     ) -> TestFrontend {
-        let mut fe = Self::connect_raw(sock);
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
         let features = offered & want;
