@@ -289,6 +289,8 @@ pub struct ProvidedRecv {
     registered: bool,
     /// Ring accounting disagreed with the kernel; buffers can no longer be attributed.
     poisoned: bool,
+    /// The ring is enabled (R_DISABLED lifted) by the first poll, on the polling thread.
+    enabled: bool,
     /// Our own duplicate of the socket: the in-flight request can never outlive its file.
     sock: OwnedFd,
 }
@@ -352,7 +354,14 @@ impl ProvidedRecv {
 
         // Each data completion consumes at least one buffer, so twice the ring size cannot
         // overflow the completion queue (an overflow would terminate the multishot request).
+        // DEFER_TASKRUN: the kernel's receive work runs when we enter the ring, not as task work
+        // interrupting whatever we do on every arriving segment (cheaper for the sender's wake-ups
+        // too). It needs SINGLE_ISSUER; R_DISABLED defers the choice of the issuing thread to
+        // the first poll, so the receiver may be created on one thread and polled on another.
         let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_r_disabled()
             .setup_cqsize((ring_entries * 2).max(64))
             .build(SQ_ENTRIES)
             .map_err(|e| {
@@ -418,6 +427,7 @@ impl ProvidedRecv {
             eof: false,
             registered: false,
             poisoned: false,
+            enabled: false,
             sock,
         };
         this.register_ring()?;
@@ -546,6 +556,11 @@ impl ProvidedRecv {
             ));
         }
         self.publish();
+        if !self.enabled {
+            // The polling thread becomes the ring's single issuer.
+            self.ring.submitter().register_enable_rings().map_err(|e| with_context(e, "IORING_REGISTER_ENABLE_RINGS"))?;
+            self.enabled = true;
+        }
         let mut out = PollOutcome::default();
         if !self.armed && !self.eof {
             let sqe = self.recv_sqe();
