@@ -361,6 +361,9 @@ impl ProvidedRecv {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
+            // Pending deferred work shows in the SQ flags, so a non-waiting poll still enters
+            // with GETEVENTS and runs it.
+            .setup_taskrun_flag()
             .setup_r_disabled()
             .setup_cqsize((ring_entries * 2).max(64))
             .build(SQ_ENTRIES)
@@ -954,6 +957,32 @@ mod tests {
         d.extend_from_slice(&(size as u32).to_le_bytes());
         d.extend((8..size).map(|i| (seq as usize * 31 + i) as u8));
         d
+    }
+
+    #[test]
+    fn non_waiting_polls_make_progress() {
+        // With DEFER_TASKRUN the kernel's receive work runs only when we enter the ring with
+        // GETEVENTS: a poll that does not wait must still run it.
+        let _g = serial();
+        let rx_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx_sock.local_addr().unwrap()).unwrap();
+        let area = Area::new(64, 2048);
+        let mut rx = ProvidedRecv::new(rx_sock.as_fd(), SocketKind::Datagram, 64).unwrap();
+        for c in 0..64 {
+            area.post(&mut rx, c);
+        }
+        for seq in 0..40 {
+            tx.send(&datagram(seq)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = 0;
+        while got < 40 {
+            assert!(Instant::now() < deadline, "non-waiting polls received only {got} of 40");
+            got += rx.poll(false, |_| {}).unwrap().buffers;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(got, 40);
     }
 
     #[test]
