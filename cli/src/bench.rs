@@ -24,6 +24,9 @@ pub enum BenchCmd {
     /// Zero-copy receive over vhost-user: our driver from our backend and from DPDK's testpmd,
     /// against testpmd's own virtio_user receiver (the anchor). Needs dpdk-testpmd.
     VhostUser(VhostBenchArgs),
+    /// Inside a guest (`zcrx vm --bench` runs it): zero copy against copy mode on the same
+    /// virtio-net function over VFIO, interleaved phases, frames per wall- and CPU-second.
+    Vfio(crate::bench_vfio::VfioBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +74,7 @@ pub fn run(cmd: &BenchCmd) -> Result<(), String> {
     match cmd {
         BenchCmd::Copy(a) => copy(a),
         BenchCmd::VhostUser(a) => crate::bench_vhost::run(a),
+        BenchCmd::Vfio(a) => crate::bench_vfio::run(a),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod bench_vfio;
 mod bench_vhost;
 mod demo;
 mod frames;

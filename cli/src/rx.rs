@@ -205,6 +205,7 @@ fn rx_tcp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadlin
 fn rx_udp(a: &RxArgs, listen: SocketAddr, ifq: Ifq, user: zcrx::IfqUser, deadline: Option<Instant>) -> Result<(receive::RunStats, u64), String> {
     let sock = UdpSocket::bind(listen).map_err(|e| format!("cannot bind udp {listen}: {e}"))?;
     let local = sock.local_addr().map_err(|e| e.to_string())?;
+    big_receive_buffer(&sock);
     eprintln!("listening on udp {local}");
     // The pcap sink needs each datagram's source; the copy reports them in completion order.
     let srcs = Srcs::default();
@@ -349,4 +350,26 @@ fn rx_device(a: &RxArgs, dev: Device<'_>) -> Result<(), String> {
         return Err(format!("verification failed: {e}"));
     }
     Ok(())
+}
+
+/// Datagrams that find the socket buffer full are dropped by the kernel before we ever see
+/// them: ask for 8 MiB (SO_RCVBUFFORCE as root, else up to net.core.rmem_max).
+fn big_receive_buffer(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a plain setsockopt with an int argument on a socket we own.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
 }

@@ -1,6 +1,12 @@
 //! The virtio-net device: feature negotiation, the rx queue fed with the niovs of a zcrx ifq
 //! (so the device writes frames straight into the user's area), and a copying tx path.
 //!
+//! Copy mode ([`NetConfig::rx_copy`]) is the kernel's copy fallback with a device attached: the
+//! rx queue is fed with the driver's own bounce buffers and each fragment is copied into a free
+//! niov, completed exactly like zero-copy data but counted in `copy_*`. Both modes share the
+//! framing logic; they differ only in where a used buffer's bytes are and what completing it
+//! means (`RxBufs`).
+//!
 //! The device is untrusted: every used-ring entry is validated by the virtqueue, and every
 //! virtio-net header is checked here (`num_buffers` in range) before a completion is made.
 
@@ -9,7 +15,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use zcrx::uapi::ZCRX_CQE_F_CONTD;
+use zcrx::uapi::{ZCRX_CQE_F_CONTD, ZCRX_EVENT_ALLOC_FAIL, ZCRX_EVENT_COPY};
 use zcrx::{Area, AreaReg, DmaMap, Ifq, MemoryKind};
 
 use crate::transport::{QueueAddrs, Transport, TransportError};
@@ -19,6 +25,9 @@ use crate::virtqueue::{self, Buf, DeviceError, QueueMemory, SplitQueue};
 pub const NET_HDR_LEN: usize = 12;
 pub const RXQ: u16 = 0;
 pub const TXQ: u16 = 1;
+/// Bytes per rx bounce buffer in copy mode (header included): a 1514-byte frame fits in one, and
+/// any fragment fits in a niov (niovs are at least a page).
+pub const RX_COPY_BUF_LEN: u32 = 2048;
 
 const fn bit(b: u32) -> u64 {
     1 << b
@@ -65,11 +74,15 @@ pub struct NetConfig {
     pub tx_buffers: u16,
     /// Bytes per tx buffer (header included).
     pub tx_buf_len: u32,
+    /// Copy mode: feed the rx queue with queue-size bounce buffers of [`RX_COPY_BUF_LEN`] bytes
+    /// in the driver's memory instead of the ifq's niovs, and copy every fragment into a free
+    /// niov (completions count as `copy_*`). Off: zero copy.
+    pub rx_copy: bool,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
-        Self { queue_size: 256, tx_buffers: 256, tx_buf_len: 2048 }
+        Self { queue_size: 256, tx_buffers: 256, tx_buf_len: 2048, rx_copy: false }
     }
 }
 
@@ -96,9 +109,14 @@ pub struct VirtioNet {
     rx: SplitQueue,
     tx: SplitQueue,
     tx_free: Vec<u16>,
-    /// Queue rings and tx buffers, mapped for the device like any area.
+    /// Queue rings, tx buffers and (copy mode) rx bounce buffers, mapped for the device like
+    /// any area.
     mem: Area,
     tx_base: usize,
+    /// Copy mode: where the rx bounce buffers start in `mem`, and those not posted (tokens are
+    /// bounce indices; capacity for all of them, so pushing never allocates).
+    rx_bounce_base: usize,
+    rx_bounce_free: Vec<u16>,
     cfg: NetConfig,
     features: u64,
     mac: Option<[u8; 6]>,
@@ -146,7 +164,13 @@ impl VirtioNet {
         let lay = virtqueue::layout(size, event_idx);
         let qlen = page_up(lay.total_len);
         let tx_base = 2 * qlen;
-        let len = page_up(tx_base + cfg.tx_buffers as usize * cfg.tx_buf_len as usize);
+        let tx_end = tx_base + cfg.tx_buffers as usize * cfg.tx_buf_len as usize;
+        // Bounce buffers aligned to their size: none straddles a page (a DMA segment boundary).
+        let (rx_bounce_base, bounces) = match cfg.rx_copy {
+            true => (tx_end.next_multiple_of(RX_COPY_BUF_LEN as usize), size),
+            false => (tx_end, 0),
+        };
+        let len = page_up(rx_bounce_base + bounces as usize * RX_COPY_BUF_LEN as usize);
         let dma: Arc<dyn DmaMap> = transport.dma();
         let mut reg = AreaReg::new(MemoryKind::Memfd, len);
         reg.memlock = zcrx::MemlockPolicy::Rlimit;
@@ -167,6 +191,8 @@ impl VirtioNet {
             tx_free: (0..cfg.tx_buffers).rev().collect(),
             mem,
             tx_base,
+            rx_bounce_base,
+            rx_bounce_free: (0..bounces).rev().collect(),
             cfg,
             features,
             mac: None,
@@ -280,20 +306,142 @@ impl VirtioNet {
         match self.tx.poll_used(usize::MAX, |u| free.push(u.token as u16)) {
             Ok(n) => Ok(n),
             Err(err) => {
+                // The tx queue is broken now; the rx side's owner stops the device and takes
+                // its buffers back on its next poll (`NetRx::poll`), so none is lost.
                 self.stats.device_errors += 1;
-                self.stop_queues(&mut |_| {});
                 Err(NetError::Device { queue: "tx", err })
             }
         }
     }
 
-    /// Stop the device and take every in-flight buffer back (`on_rx` gets each rx token).
+    /// Stop the device and take every in-flight buffer back (`on_rx` gets each rx token that
+    /// is not ours: in copy mode the rx buffers are our bounce buffers and `on_rx` gets none).
     fn stop_queues(&mut self, on_rx: &mut dyn FnMut(u32)) {
         self.transport.stop();
-        self.rx.drain_in_flight(|t| on_rx(t));
+        if self.cfg.rx_copy {
+            let free = &mut self.rx_bounce_free;
+            self.rx.drain_in_flight(|t| free.push(t as u16));
+        } else {
+            self.rx.drain_in_flight(on_rx);
+        }
         let free = &mut self.tx_free;
         self.tx.drain_in_flight(|t| free.push(t as u16));
     }
+
+    /// Copy mode: post up to `want` free bounce buffers on the rx queue (not published).
+    fn post_bounce(&mut self, want: u32) -> u32 {
+        let mut added = 0;
+        while added < want {
+            let Some(b) = self.rx_bounce_free.pop() else { break };
+            let off = self.rx_bounce_base + b as usize * RX_COPY_BUF_LEN as usize;
+            let addr = self.mem.dma_addr(off).expect("mapped");
+            if self.rx.add(&[Buf { addr, len: RX_COPY_BUF_LEN, device_writable: true }], b as u32).is_err() {
+                self.rx_bounce_free.push(b);
+                break;
+            }
+            added += 1;
+        }
+        added
+    }
+}
+
+/// The rx queue's buffers as the shared receive logic sees them: the ifq's niovs (zero copy) or
+/// the driver's bounce buffers (copy mode). Tokens are niov indices or bounce indices.
+struct RxBufs<'a> {
+    ifq: &'a mut Ifq,
+    /// Copy mode: the driver memory, the bounce buffers' offset in it, and their free list.
+    bounce: Option<(&'a Area, usize, &'a mut Vec<u16>)>,
+}
+
+impl RxBufs<'_> {
+    /// Where the device wrote the buffer of `token`.
+    #[inline]
+    fn ptr(&self, token: u32) -> *mut u8 {
+        match &self.bounce {
+            Some((mem, base, _)) => mem.ptr_at(base + token as usize * RX_COPY_BUF_LEN as usize),
+            None => self.ifq.area().niov_ptr(token),
+        }
+    }
+
+    /// Take back a buffer the device returned without anything to complete.
+    #[inline]
+    fn recycle(&mut self, token: u32) {
+        match &mut self.bounce {
+            Some((_, _, free)) => free.push(token as u16),
+            None => self.ifq.put_back(token),
+        }
+    }
+
+    /// Complete `len` bytes at `off` of the used buffer `token`: in place, or copied into a
+    /// free niov (the caller reaped no more entries than there are free niovs and completion
+    /// slots) and the bounce buffer taken back.
+    #[inline]
+    fn deliver(&mut self, token: u32, off: u32, len: u32, flags: u32) {
+        match &mut self.bounce {
+            None => {
+                // Cannot fail: at most `cq_space` entries are reaped.
+                let _ = self.ifq.complete(token, off, len, flags, false);
+            }
+            Some((mem, base, free)) => {
+                let n = self.ifq.take_free().expect("no more used entries are reaped than there are free niovs");
+                debug_assert!(RX_COPY_BUF_LEN <= self.ifq.area().rx_buf_len());
+                // SAFETY: the device returned bounce buffer `token` (validated by the
+                // virtqueue: `off + len` is within its RX_COPY_BUF_LEN bytes, inside `mem`);
+                // niov `n` was just taken from the free list, so nobody else writes it, and it is
+                // at least a page >= RX_COPY_BUF_LEN long. The two never overlap (different
+                // mappings).
+                unsafe {
+                    let src = mem.ptr_at(*base + token as usize * RX_COPY_BUF_LEN as usize).add(off as usize);
+                    std::ptr::copy_nonoverlapping(src, self.ifq.area().niov_ptr(n), len as usize);
+                }
+                // Cannot fail: at most `cq_space` entries are reaped.
+                let _ = self.ifq.complete(n, 0, len, flags, true);
+                free.push(token as u16);
+            }
+        }
+    }
+}
+
+/// The virtio-net framing of one used buffer of `used_len` bytes at `buf`, `pending` buffers
+/// still to come of the frame (MRG_RXBUF). `Ok(Some((offset, len, flags)))`: the payload to
+/// complete; `Ok(None)`: a frame without payload (recycle the buffer); `Err`: the device broke
+/// the protocol.
+#[inline]
+fn frame_fragment(
+    pending: &mut u16,
+    used_len: u32,
+    buf: *const u8,
+    mrg: bool,
+    max_bufs: u16,
+    stats: &mut NetStats,
+) -> Result<Option<(u32, u32, u32)>, String> {
+    let (off, len) = if *pending == 0 {
+        if (used_len as usize) < NET_HDR_LEN {
+            return Err(format!("used length {used_len} is shorter than the virtio-net header"));
+        }
+        let nbufs = if mrg {
+            // SAFETY: the device returned this buffer (validated by the virtqueue), so it is
+            // ours and at least NET_HDR_LEN long; num_buffers is at offset 10.
+            u16::from_le(unsafe { std::ptr::read_unaligned(buf.add(10) as *const u16) })
+        } else {
+            1
+        };
+        if nbufs == 0 || nbufs > max_bufs {
+            return Err(format!("num_buffers {nbufs} (queue size {max_bufs})"));
+        }
+        *pending = nbufs;
+        stats.rx_frames += 1;
+        (NET_HDR_LEN as u32, used_len - NET_HDR_LEN as u32)
+    } else {
+        (0, used_len)
+    };
+    *pending -= 1;
+    let flags = if *pending != 0 { ZCRX_CQE_F_CONTD } else { 0 };
+    if len == 0 && flags == 0 && off != 0 {
+        stats.rx_empty += 1;
+        return Ok(None);
+    }
+    Ok(Some((off, len, flags)))
 }
 
 fn queue_addrs(vq: &SplitQueue) -> QueueAddrs {
@@ -305,8 +453,9 @@ fn queue_addrs(vq: &SplitQueue) -> QueueAddrs {
     }
 }
 
-/// The receive side of a zero-copy ifq: a virtio-net device whose rx queue is fed with the
-/// ifq's niovs. What the kernel is in io_uring zcrx; may run on its own thread.
+/// The receive side of an ifq with a device: a virtio-net device whose rx queue is fed with the
+/// ifq's niovs (zero copy), or with the driver's bounce buffers copied into niovs
+/// ([`NetConfig::rx_copy`]). What the kernel is in io_uring zcrx; may run on its own thread.
 pub struct NetRx {
     // Drop: `Drop::drop` stops the device first; then the device's memory goes, then the area.
     dev: VirtioNet,
@@ -333,6 +482,9 @@ pub struct RxPoll {
     pub bytes: u64,
     /// The completion ring is full: the device holds the data until the user consumes.
     pub cq_full: bool,
+    /// Copy mode: data waits in the device's used ring because no niov is free (the user holds
+    /// them all); `ZCRX_EVENT_ALLOC_FAIL` is raised.
+    pub no_buffer: bool,
 }
 
 impl NetRx {
@@ -351,17 +503,31 @@ impl NetRx {
         &mut self.dev
     }
 
-    /// Post free niovs on the rx queue. With a device the refill queue is consumed here, as the
-    /// kernel's page pool does: nobody has to call `flush_rq` unless the RQ overflows.
+    /// Post free niovs (copy mode: free bounce buffers) on the rx queue. With a device the
+    /// refill queue is consumed here, as the kernel's page pool does: nobody has to call
+    /// `flush_rq` unless the RQ overflows.
     pub fn refill(&mut self) {
         self.ifq.poll_flush_request();
         let want = self.dev.rx.free_descriptors() as u32;
         if want == 0 || self.dev.rx.is_broken() {
             return;
         }
-        if self.ifq.free_count() < want {
-            self.ifq.flush_rq();
+        let added = if self.dev.cfg.rx_copy { self.dev.post_bounce(want) } else { self.post_niovs(want) };
+        if added != 0 {
+            self.dev.rx.publish();
+            if self.dev.rx.needs_kick() {
+                self.dev.transport.notify(RXQ);
+                self.dev.stats.kicks += 1;
+            }
         }
+    }
+
+    /// Zero copy: post up to `want` free niovs on the rx queue (not published).
+    fn post_niovs(&mut self, want: u32) -> u32 {
+        // Returned buffers go back on top of the free stack first and are posted again while
+        // still in cache: the device writes into a working set of about one queue, not the
+        // whole area (cold writes cut 1500-byte receive to a third here).
+        self.ifq.refill_from_rq();
         let len = self.ifq.area().rx_buf_len();
         let mut added = 0;
         while added < want {
@@ -373,70 +539,70 @@ impl NetRx {
             }
             added += 1;
         }
-        if added != 0 {
-            self.dev.rx.publish();
-            if self.dev.rx.needs_kick() {
-                self.dev.transport.notify(RXQ);
-                self.dev.stats.kicks += 1;
-            }
-        }
+        added
     }
 
-    /// Reap what the device wrote: one completion per buffer, `{niov offset past the header,
-    /// len}` for a frame's first buffer, `ZCRX_CQE_F_CONTD` on all but its last. Then refill.
+    /// Reap what the device wrote: one completion per buffer, `ZCRX_CQE_F_CONTD` on all but a
+    /// frame's last. Zero copy: `{niov offset past the header, len}` for a frame's first buffer,
+    /// `{niov, len}` for the others. Copy mode: each buffer's payload copied to the start of a
+    /// free niov. Then refill.
+    ///
+    /// Back pressure loses nothing: no more used entries are reaped than there are completion
+    /// slots (and, copying, free niovs); the rest waits in the device's used ring.
     pub fn poll(&mut self) -> Result<RxPoll, NetError> {
+        if self.dev.tx.is_broken() && !self.dev.rx.is_broken() {
+            // The device misbehaved on tx: stop it, every rx buffer back to the free list.
+            self.shutdown();
+            self.pending = 0;
+            return Err(NetError::Device { queue: "tx", err: crate::virtqueue::DeviceError::Broken });
+        }
+        let copy = self.dev.cfg.rx_copy;
         let space = self.ifq.cq_space() as usize;
         let mut out = RxPoll { cq_full: space == 0, ..Default::default() };
+        let mut max = space;
+        if copy && space != 0 && self.dev.rx.has_used() {
+            // One free niov per completion. (Checked only with data waiting: idle polls store
+            // nothing to the lines the user side reads.)
+            let want = space.min(self.dev.rx.size() as usize);
+            if (self.ifq.free_count() as usize) < want {
+                self.ifq.flush_rq();
+            }
+            max = want.min(self.ifq.free_count() as usize);
+            if max == 0 {
+                out.no_buffer = true;
+                self.ifq.post_event(ZCRX_EVENT_ALLOC_FAIL);
+            }
+        }
         let mrg = self.dev.mrg_rxbuf();
         let max_bufs = self.dev.rx.size();
         let Self { dev, ifq, pending, .. } = self;
+        let VirtioNet { rx, mem, rx_bounce_base, rx_bounce_free, stats, .. } = dev;
+        let mut bufs = RxBufs { ifq, bounce: copy.then_some((&*mem, *rx_bounce_base, rx_bounce_free)) };
         let mut bad_header = None;
-        let r = dev.rx.poll_used(space, |u| {
-            let i = u.token;
+        let r = rx.poll_used(max, |u| {
             if bad_header.is_some() {
                 // After a violation nothing more is trusted: hand the buffer back unused.
-                ifq.put_back(i);
+                bufs.recycle(u.token);
                 return;
             }
-            let (off, len) = if *pending == 0 {
-                if (u.len as usize) < NET_HDR_LEN {
-                    bad_header = Some(format!("used length {} is shorter than the virtio-net header", u.len));
-                    ifq.put_back(i);
-                    return;
+            match frame_fragment(pending, u.len, bufs.ptr(u.token), mrg, max_bufs, stats) {
+                Ok(Some((off, len, flags))) => {
+                    bufs.deliver(u.token, off, len, flags);
+                    stats.rx_bytes += len as u64;
+                    out.completions += 1;
+                    out.bytes += len as u64;
                 }
-                let nbufs = if mrg {
-                    let p = ifq.area().niov_ptr(i);
-                    // SAFETY: the device returned buffer i (validated by the virtqueue), so it
-                    // is ours and at least NET_HDR_LEN long; num_buffers is at offset 10.
-                    u16::from_le(unsafe { std::ptr::read_unaligned(p.add(10) as *const u16) })
-                } else {
-                    1
-                };
-                if nbufs == 0 || nbufs > max_bufs {
-                    bad_header = Some(format!("num_buffers {nbufs} (queue size {max_bufs})"));
-                    ifq.put_back(i);
-                    return;
+                Ok(None) => bufs.recycle(u.token),
+                Err(msg) => {
+                    bad_header = Some(msg);
+                    bufs.recycle(u.token);
                 }
-                *pending = nbufs;
-                dev.stats.rx_frames += 1;
-                (NET_HDR_LEN as u32, u.len - NET_HDR_LEN as u32)
-            } else {
-                (0, u.len)
-            };
-            *pending -= 1;
-            let flags = if *pending != 0 { ZCRX_CQE_F_CONTD } else { 0 };
-            if len == 0 && flags == 0 && off != 0 {
-                dev.stats.rx_empty += 1;
-                ifq.put_back(i);
-                return;
             }
-            // Cannot fail: at most `space` entries are reaped.
-            let _ = ifq.complete(i, off, len, flags, false);
-            dev.stats.rx_bytes += len as u64;
-            out.completions += 1;
-            out.bytes += len as u64;
         });
         if out.completions != 0 {
+            if copy {
+                self.ifq.post_event(ZCRX_EVENT_COPY);
+            }
             // Idle polls publish nothing: no store to the lines the user side reads.
             self.ifq.commit();
         }

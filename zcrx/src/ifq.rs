@@ -402,6 +402,17 @@ impl Ifq {
         returned
     }
 
+    /// Drain the refill queue if it holds anything (one acquire load when it is empty). A device
+    /// driver calls this on every poll, like the kernel's page pool consuming the RQ: returned
+    /// buffers go back on top of the free stack and are posted again while still in cache.
+    #[inline]
+    pub fn refill_from_rq(&mut self) -> u32 {
+        if self.rq.available() == 0 {
+            return 0;
+        }
+        self.flush_rq()
+    }
+
     /// Serve a flush the user asked for with [`IfqUser::flush_rq`] (one relaxed load when there
     /// is none). Returns the buffers returned.
     #[inline]
