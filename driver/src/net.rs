@@ -82,7 +82,7 @@ pub struct NetConfig {
 
 impl Default for NetConfig {
     fn default() -> Self {
-        Self { queue_size: 256, tx_buffers: 256, tx_buf_len: 2048, rx_copy: false }
+        Self { queue_size: 1024, tx_buffers: 256, tx_buf_len: 2048, rx_copy: false }
     }
 }
 
