@@ -55,6 +55,7 @@ struct Args {
     msix: bool,
     mmap: bool,
     fault: bool,
+    unwind: bool,
     timeout: Duration,
 }
 
@@ -66,6 +67,7 @@ fn args() -> Result<Args, String> {
         msix: false,
         mmap: true,
         fault: false,
+        unwind: false,
         timeout: Duration::from_secs(60),
     };
     let mut it = std::env::args().skip(1);
@@ -79,6 +81,7 @@ fn args() -> Result<Args, String> {
             "--msix" => a.msix = true,
             "--no-mmap" => a.mmap = false,
             "--fault" => a.fault = true,
+            "--unwind" => a.unwind = true,
             _ => return Err(format!("unknown argument {k}")),
         }
     }
@@ -357,7 +360,36 @@ fn fault_then_recover(a: &Args, mut t: VfioPci) -> Result<VfioPci, String> {
     Ok(t)
 }
 
+/// A mapping failure part-way through registration, with the real container: the IOVA window
+/// holds the 4 MiB area but nothing more, so mapping the queue memory fails after the area was
+/// mapped, locked and charged. Everything taken so far must be given back.
+fn unwind_check(a: &Args, bdf: &str) -> Result<(), String> {
+    let locked0 = zcrx::mem::process_locked_bytes().map_err(|e| e.to_string())?;
+    let charged0 = zcrx::memlock::charged_bytes();
+    let base = 1u64 << 30;
+    let opts = VfioOptions { iova_window: base..base + (4 << 20), mmap_bars: a.mmap };
+    let t = VfioPci::open_with(bdf, &opts).map_err(|e| format!("open: {e}"))?;
+    let dma = t.vfio_dma().clone();
+    let reg = IfqReg { flags: 0, ..IfqReg::default() };
+    let area = AreaReg::new(MemoryKind::Anonymous, 4 << 20);
+    let err = match register_ifq(Box::new(t), reg, area, NetConfig::default()) {
+        Ok(_) => return Err("registration succeeded in an IOVA window too small for the queue memory".into()),
+        Err(e) => e.to_string(),
+    };
+    let mapped = dma.iova_state().allocations().len();
+    let locked = zcrx::mem::process_locked_bytes().map_err(|e| e.to_string())? as i64 - locked0 as i64;
+    let charged = zcrx::memlock::charged_bytes() as i64 - charged0 as i64;
+    say(format!("unwind mapped-after {mapped} locked-delta {locked} charged-delta {charged} error {err}"));
+    if mapped != 0 || locked != 0 || charged != 0 {
+        return Err("a failed registration left something behind".into());
+    }
+    Ok(())
+}
+
 fn run(a: &Args, bdf: &str) -> Result<(), String> {
+    if a.unwind {
+        unwind_check(a, bdf)?;
+    }
     let first = if a.fault {
         let t = open(a, bdf)?;
         describe(&t, bdf, 0);

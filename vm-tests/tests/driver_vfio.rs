@@ -383,6 +383,24 @@ fn iommu_blocks_an_unmapped_buffer_and_reset_recovers() {
 }
 
 #[test]
+fn mapping_failure_part_way_unwinds_with_the_real_container() {
+    // The area maps, the queue memory does not fit the IOVA window: registration fails, and
+    // the IOMMU mappings, locked and charged memory are all back to where they were; then a
+    // normal registration on the same device receives.
+    let frames = 60;
+    let (r, log) = run_rx("driver-vfio-unwind.cpio", "--unwind", frames, &[0], false);
+    assert!(r.setup_error().is_none(), "{}", r.report());
+    assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
+    assert!(r.success(), "{}", r.report());
+    let u = marker(&r, "vfio-rx unwind ");
+    assert_eq!(field(u, "mapped-after"), "0", "{u}");
+    assert_eq!(field(u, "locked-delta"), "0", "{u}");
+    assert_eq!(field(u, "charged-delta"), "0", "{u}");
+    assert!(u.contains("DMA mapping") || u.contains("IOVA") || u.contains("iova"), "the error names the mapping: {u}");
+    check_phase(&r, &log, 0, 0, frames);
+}
+
+#[test]
 fn open_explains_an_unbound_nic() {
     let assets = assets();
     // vfio-pci is loaded, but the NIC stays with the kernel's virtio-pci driver.
