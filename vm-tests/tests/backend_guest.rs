@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use backend::{BackendConfig, Mode};
-use vm_tests::{build_static, static_target_dir, Assets, GuestImage, Net, NicMode, Vm, VmOpts, GUEST_MAC};
+use vm_tests::{build_static, static_target_dir, Assets, GuestImage, Net, NicMode, Vm, VmOpts};
 
 #[test]
 fn linux_guest_reflects_verified_frames_through_our_backend() {
