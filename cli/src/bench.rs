@@ -132,7 +132,7 @@ fn copy(a: &CopyBenchArgs) -> Result<(), String> {
             "zcrx bench copy: {} bytes per run, {}-byte writes, {} interleaved runs each, medians",
             a.bytes, a.write_size, a.runs
         );
-        println!("  {:<12} {:>12} {:>18}   {}", "variant", "Gbit/s", "rx CPU s/GiB", "Gbit/s of each run");
+        println!("  {:<12} {:>12} {:>18}   Gbit/s of each run", "variant", "Gbit/s", "rx CPU s/GiB");
         for &v in &chosen {
             let each: Vec<String> =
                 runs[v].iter().map(|r| format!("{:.2}", a.bytes as f64 * 8.0 / r.secs / 1e9)).collect();

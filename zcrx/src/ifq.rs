@@ -321,14 +321,14 @@ impl Ifq {
     /// [`Ifq::cq_space`]; when the ring is full anyway the buffer goes back to the free list and
     /// `Err` says so.
     #[inline]
-    pub fn complete(&mut self, i: u32, offset: u32, len: u32, flags: u32, copied: bool) -> Result<(), ()> {
+    pub fn complete(&mut self, i: u32, offset: u32, len: u32, flags: u32, copied: bool) -> Result<(), CqFull> {
         debug_assert_eq!(self.state[i as usize], NiovState::Posted);
         debug_assert!(offset as u64 + len as u64 <= self.area.rx_buf_len() as u64);
         let off = self.token | (((i as u64) << self.area.niov_shift()) + offset as u64);
         if self.cq.push(Cqe { off, len, flags }).is_err() {
             self.stats.cq_full += 1;
             self.put_back(i);
-            return Err(());
+            return Err(CqFull);
         }
         self.state[i as usize] = NiovState::User;
         self.user += 1;
@@ -455,6 +455,11 @@ impl Drop for Ifq {
         // The area (a field) drops after this: DMA unmap, munlock, un-account, in that order.
     }
 }
+
+/// The completion ring was full; the buffer went back to the free list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("completion ring full")]
+pub struct CqFull;
 
 /// Why a buffer could not be read or returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -121,7 +121,7 @@ impl<T: Copy + Send> Producer<T> {
     fn free_cached(&self) -> u32 {
         let used = self.tail.wrapping_sub(self.cached_head);
         // A head beyond our tail, or further back than a full ring, is garbage: treat as full.
-        self.shared.entries.checked_sub(used).unwrap_or(0)
+        self.shared.entries.saturating_sub(used)
     }
 
     /// Stage one entry; `Err(v)` hands it back when the ring is full (nothing is lost).
