@@ -40,6 +40,8 @@ pub(crate) struct GenState {
     pub rate_start: Option<Instant>,
     pub rate_sent: u64,
     pub verifier: Option<FrameVerifier>,
+    /// Pre-built frames sent in a cycle instead of generating each one.
+    pub templates: Option<Vec<Vec<u8>>>,
 }
 
 impl GenState {
@@ -647,12 +649,16 @@ impl Poller<'_> {
         while n < allowed {
             q.prefetch_ahead(&self.map, PREFETCH_AHEAD, true);
             let seq = g.gen.next_seq();
-            let flen = g.gen.len_for(seq);
             let gen = &g.gen;
+            let template = g.templates.as_ref().map(|t| &t[(seq % t.len() as u64) as usize]);
+            let flen = template.map_or_else(|| gen.len_for(seq), |t| t.len());
             match self
                 .rx
-                .deliver(q, &self.map, flen, &mut self.local, &mut errs, |b| {
-                    let _ = gen.write(seq, b);
+                .deliver(q, &self.map, flen, &mut self.local, &mut errs, |b| match template {
+                    Some(t) => b.copy_from_slice(t),
+                    None => {
+                        let _ = gen.write(seq, b);
+                    }
                 }) {
                 Ok(Deliver::Done) | Ok(Deliver::Dropped) => {
                     g.gen.set_next_seq(seq + 1);

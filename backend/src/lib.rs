@@ -99,6 +99,10 @@ pub struct GenConfig {
     /// Verify frames the frontend sends back on tx with the same seed and
     /// length range (for a frontend that echoes, e.g. testpmd io mode).
     pub verify_tx: bool,
+    /// Generate this many frames once and send them in a cycle (like testpmd
+    /// txonly's template): the per-frame cost is a copy, not a generation.
+    /// Receivers then see sequence numbers repeat, so they cannot verify.
+    pub template: Option<usize>,
 }
 
 impl Default for GenConfig {
@@ -111,6 +115,7 @@ impl Default for GenConfig {
             seed: 1,
             src_mac: DEFAULT_GEN_SRC_MAC,
             verify_tx: false,
+            template: None,
         }
     }
 }
@@ -336,6 +341,17 @@ fn mode_state(cfg: &BackendConfig, tap: &Option<Arc<OwnedFd>>) -> ModeState {
             verifier: g.verify_tx.then(|| {
                 FrameVerifier::new(g.seed, g.min_frame_len, g.max_frame_len)
                     .expect("validated in start()")
+            }),
+            templates: g.template.map(|k| {
+                let gen = FrameGen::new(g.seed, cfg.mac, g.src_mac, g.min_frame_len, g.max_frame_len)
+                    .expect("validated in start()");
+                (0..k.max(1) as u64)
+                    .map(|seq| {
+                        let mut f = vec![0u8; gen.len_for(seq)];
+                        let _ = gen.write(seq, &mut f);
+                        f
+                    })
+                    .collect()
             }),
         }),
         Mode::Sink(s) => ModeState::Sink {

@@ -48,6 +48,10 @@ pub struct BackendArgs {
     /// Verify received frames (sink).
     #[arg(long)]
     pub verify: bool,
+    /// Gen: build this many frames once and send them in a cycle (like testpmd txonly's
+    /// template) instead of generating each; receivers then cannot verify sequences.
+    #[arg(long)]
+    pub template: Option<usize>,
     /// Largest queue size a frontend may choose.
     #[arg(long, default_value_t = 1024)]
     pub queue_size: u16,
@@ -69,12 +73,19 @@ impl BackendArgs {
                 rate: self.rate,
                 count: self.count,
                 seed: self.seed,
+                template: self.template,
                 ..GenConfig::default()
             }),
             ModeArg::Sink => Mode::Sink(SinkConfig { verify: self.verify, seed: self.seed, min_frame_len: min, max_frame_len: max }),
             ModeArg::Reflect => Mode::Reflect,
             ModeArg::Tap => Mode::Tap(self.tap.clone().ok_or("--mode tap needs --tap NAME")?),
         };
+        if self.template.is_some() && self.mode != ModeArg::Gen {
+            return Err("--template is for --mode gen".into());
+        }
+        if self.template == Some(0) {
+            return Err("--template needs at least 1 frame".into());
+        }
         if self.tap.is_some() && self.mode != ModeArg::Tap {
             return Err("--tap is for --mode tap".into());
         }

@@ -1,6 +1,8 @@
 //! `zcrx bench vhost-user`: who is the faster zero-copy receiver over vhost-user?
 //!
-//! - `ours<-ours`:    our driver receiving from our backend generating;
+//! - `ours<-ours`:    our driver receiving from our backend generating every frame;
+//! - `ours<-ours-tpl`: the same with the backend cycling 256 pre-built frames, the kind of work
+//!                    testpmd txonly does (it sends one template);
 //! - `ours<-testpmd`: our driver receiving from testpmd `net_vhost` txonly;
 //! - `anchor`:        testpmd `net_virtio_user` rxonly receiving from testpmd `net_vhost` txonly.
 //!
@@ -14,7 +16,9 @@ use traffic::testpmd::Testpmd;
 
 use crate::bench::VhostBenchArgs;
 
-const VARIANTS: [&str; 3] = ["ours<-ours", "ours<-testpmd", "anchor"];
+const VARIANTS: [&str; 4] = ["ours<-ours", "ours<-ours-tpl", "ours<-testpmd", "anchor"];
+/// Index of the anchor in [`VARIANTS`].
+const ANCHOR: usize = 3;
 
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -40,7 +44,8 @@ pub fn run(a: &VhostBenchArgs) -> Result<(), String> {
         for (k, &size) in a.sizes.iter().enumerate() {
             for (v, name) in VARIANTS.iter().enumerate() {
                 let r = match *name {
-                    "ours<-ours" => ours_from_ours(size, a.seconds)?,
+                    "ours<-ours" => ours_from_ours(size, a.seconds, None)?,
+                    "ours<-ours-tpl" => ours_from_ours(size, a.seconds, Some(256))?,
                     "ours<-testpmd" => ours_from_testpmd(size, a.seconds)?,
                     _ => anchor(size, a.seconds)?,
                 };
@@ -60,7 +65,7 @@ pub fn run(a: &VhostBenchArgs) -> Result<(), String> {
     };
     let mut out = Vec::new();
     for (k, &size) in a.sizes.iter().enumerate() {
-        let anchor_mpps = med(&runs[k][2], &|r| Some(r.mpps)).unwrap_or(f64::NAN);
+        let anchor_mpps = med(&runs[k][ANCHOR], &|r| Some(r.mpps)).unwrap_or(f64::NAN);
         for (v, name) in VARIANTS.iter().enumerate() {
             let rs = &runs[k][v];
             let mpps = med(rs, &|r| Some(r.mpps)).unwrap_or(f64::NAN);
@@ -125,9 +130,9 @@ fn our_receiver(path: &std::path::Path, secs: f64) -> Result<Run, String> {
     .map_err(|_| "receiver panicked".to_string())?
 }
 
-fn ours_from_ours(size: usize, secs: f64) -> Result<Run, String> {
+fn ours_from_ours(size: usize, secs: f64, template: Option<usize>) -> Result<Run, String> {
     let path = sock("ours");
-    let mode = backend::Mode::Gen(backend::GenConfig { min_frame_len: size, max_frame_len: size, ..Default::default() });
+    let mode = backend::Mode::Gen(backend::GenConfig { min_frame_len: size, max_frame_len: size, template, ..Default::default() });
     let mut cfg = backend::BackendConfig::new(&path, mode);
     cfg.cpu = Some(1);
     let b = backend::start(cfg).map_err(|e| e.to_string())?;

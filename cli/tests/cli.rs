@@ -202,3 +202,28 @@ fn rx_tcp_receives_a_stream_until_eof() {
         assert_eq!(j["copy_bytes"], 5_000_000);
     }
 }
+
+#[test]
+fn backend_template_cycles_prebuilt_frames() {
+    let sock = std::env::temp_dir().join(format!("zcrx-cli-tpl-{}.sock", std::process::id()));
+    let s = sock.to_str().unwrap().to_string();
+    let mut b = Command::new(env!("CARGO_BIN_EXE_zcrx"))
+        .args(["backend", "--socket", &s, "--mode", "gen", "--template", "8", "--count", "64", "--duration", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = zcrx(&["rx", "--vhost-user", &s, "--count", "64", "--verify-seed", "1", "--json", "--area-size", "2M"]);
+    let _ = b.kill();
+    let _ = b.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = json(&o);
+    assert_eq!(j["frames"], 64, "{j}");
+    assert_eq!(j["verified"], 8, "8 distinct frames, each sent 8 times: {j}");
+    assert_eq!(j["corrupted"], 0, "{j}");
+    assert_eq!(j["copy_count"], 0);
+}
