@@ -284,6 +284,9 @@ fn reflect_returns_testpmd_tx_first_bursts_exactly() {
     wait(&b, &t, 30, "128 frames reflected", |s| {
         s.tx_frames == 128 && s.rx_frames == 128
     });
+    // The frames are in testpmd's rx ring now; its forwarding core counts them on its next
+    // poll, which a loaded machine may delay past an immediate `stop`.
+    std::thread::sleep(Duration::from_millis(500));
     let (p, out) = stop_and_collect(t);
     assert_eq!(
         (p.tx_packets, p.rx_packets),
