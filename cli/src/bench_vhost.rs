@@ -2,12 +2,16 @@
 //!
 //! - `ours<-ours`:    our driver receiving from our backend generating every frame;
 //! - `ours<-ours-tpl`: the same with the backend cycling 256 pre-built frames, the kind of work
-//!                    testpmd txonly does (it sends one template);
+//!   testpmd txonly does (it sends one template);
 //! - `ours<-testpmd`: our driver receiving from testpmd `net_vhost` txonly;
-//! - `anchor`:        testpmd `net_virtio_user` rxonly receiving from testpmd `net_vhost` txonly.
+//! - `anchor`:        testpmd `net_virtio_user` rxonly receiving from testpmd `net_vhost` txonly;
+//! - `anchor-nomrg`:  the same with `mrg_rxbuf=0`.
 //!
+//! Our receiver is told the peers' MTU (1500), so it negotiates no MRG_RXBUF, as `zcrx rx --mtu
+//! 1500` does; `anchor-nomrg` shows DPDK's receiver gains nothing from the same setting.
 //! Cores as the anchor's: the sender forwards on core 1, the receiver runs on core 0.
-//! Variants are interleaved (A B C A B C ...) and medians reported, with ratios to the anchor.
+//! Variants are interleaved (A B C A B C ...); medians of Mpps, and the median over rounds of
+//! each round's ratio to the anchor.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +20,7 @@ use traffic::testpmd::Testpmd;
 
 use crate::bench::VhostBenchArgs;
 
-const VARIANTS: [&str; 4] = ["ours<-ours", "ours<-ours-tpl", "ours<-testpmd", "anchor"];
+const VARIANTS: [&str; 5] = ["ours<-ours", "ours<-ours-tpl", "ours<-testpmd", "anchor", "anchor-nomrg"];
 /// Index of the anchor in [`VARIANTS`].
 const ANCHOR: usize = 3;
 
@@ -47,7 +51,8 @@ pub fn run(a: &VhostBenchArgs) -> Result<(), String> {
                     "ours<-ours" => ours_from_ours(size, a.seconds, None)?,
                     "ours<-ours-tpl" => ours_from_ours(size, a.seconds, Some(256))?,
                     "ours<-testpmd" => ours_from_testpmd(size, a.seconds)?,
-                    _ => anchor(size, a.seconds)?,
+                    "anchor" => anchor(size, a.seconds, true)?,
+                    _ => anchor(size, a.seconds, false)?,
                 };
                 runs[k][v].push(r);
                 bar.inc(1);
@@ -65,15 +70,23 @@ pub fn run(a: &VhostBenchArgs) -> Result<(), String> {
     };
     let mut out = Vec::new();
     for (k, &size) in a.sizes.iter().enumerate() {
-        let anchor_mpps = med(&runs[k][ANCHOR], &|r| Some(r.mpps)).unwrap_or(f64::NAN);
         for (v, name) in VARIANTS.iter().enumerate() {
             let rs = &runs[k][v];
             let mpps = med(rs, &|r| Some(r.mpps)).unwrap_or(f64::NAN);
+            // The machine's speed swings 2-3x over minutes: ratios within a round (runs a few
+            // seconds apart), then their median, are steadier than a ratio of medians.
+            let ratios: Vec<Run> = rs
+                .iter()
+                .zip(&runs[k][ANCHOR])
+                .map(|(r, a)| Run { mpps: r.mpps / a.mpps, gbps: 0.0, idle: None })
+                .collect();
+            let vs_anchor = med(&ratios, &|r| Some(r.mpps)).unwrap_or(f64::NAN);
             out.push(json!({
                 "size": size, "variant": name, "median_mpps": mpps,
                 "median_gbit_per_s": med(rs, &|r| Some(r.gbps)),
                 "median_idle_poll_fraction": med(rs, &|r| r.idle),
-                "vs_anchor": mpps / anchor_mpps,
+                "vs_anchor": vs_anchor,
+                "vs_anchor_runs": ratios.iter().map(|r| r.mpps).collect::<Vec<_>>(),
                 "mpps_runs": rs.iter().map(|r| r.mpps).collect::<Vec<_>>(),
             }));
         }
@@ -117,7 +130,7 @@ fn our_receiver(path: &std::path::Path, secs: f64) -> Result<Run, String> {
         let frames = std::cell::Cell::new(0);
         let mut sink = crate::frames::FrameSink::new(None, None, &frames);
         let deadline = Some(Instant::now() + Duration::from_secs_f64(secs));
-        let (run, t) = crate::frames::receive_vhost_user(&path, reg, area, &mut sink, None, deadline, &mut |_| {})?;
+        let (run, t) = crate::frames::receive_vhost_user(&path, reg, area, crate::rx::net_config(Some(1500)), &mut sink, None, deadline, &mut |_| {})?;
         let dev = run.device.unwrap_or_default();
         Ok(Run {
             mpps: frames.get() as f64 / t / 1e6,
@@ -151,13 +164,13 @@ fn ours_from_testpmd(size: usize, secs: f64) -> Result<Run, String> {
     our_receiver(&path, secs)
 }
 
-fn anchor(size: usize, secs: f64) -> Result<Run, String> {
+fn anchor(size: usize, secs: f64, mrg: bool) -> Result<Run, String> {
     let path = sock("anchor");
     let _ = std::fs::remove_file(&path);
     let txpkts = format!("--txpkts={size}");
     let mut tx = Testpmd::spawn_on(&format!("net_vhost0,iface={}", path.display()), "txonly", &[&txpkts], 0)
         .map_err(|e| e.to_string())?;
-    let mut rx = Testpmd::spawn_on(&format!("net_virtio_user0,path={},queues=1,queue_size=1024", path.display()), "rxonly", &[], 1)
+    let mut rx = Testpmd::spawn_on(&format!("net_virtio_user0,path={},queues=1,queue_size=1024,mrg_rxbuf={}", path.display(), mrg as u8), "rxonly", &[], 1)
         .map_err(|e| e.to_string())?;
     tx.cmd("start").map_err(|e| e.to_string())?;
     rx.cmd("start").map_err(|e| e.to_string())?;

@@ -136,11 +136,17 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Our backend sends frames of at most MAX bytes: each fits one buffer.
+fn net_config() -> driver::NetConfig {
+    driver::NetConfig { max_frame: Some(MAX as u32), ..Default::default() }
+}
+
+const MAX: usize = 1514;
+
 /// The same receive model with a device: our backend generates frames into the area.
 fn zero_copy(a: &DemoArgs) -> Result<serde_json::Value, String> {
     const SEED: u64 = 7;
     const MIN: usize = 64;
-    const MAX: usize = 1514;
     let sock = std::env::temp_dir().join(format!("zcrx-demo-{}.sock", std::process::id()));
     let mode = backend::Mode::Gen(backend::GenConfig {
         min_frame_len: MIN,
@@ -162,7 +168,7 @@ fn zero_copy(a: &DemoArgs) -> Result<serde_json::Value, String> {
     let mut sink = crate::frames::FrameSink::new(Some(verify), None, &frames);
     let bar = crate::progress::bytes_bar(a.frames * (MIN + MAX) as u64 / 2, a.json);
     let deadline = Some(Instant::now() + std::time::Duration::from_secs(120));
-    let (run, secs) = crate::frames::receive_vhost_user(&sock, reg, area, &mut sink, Some(a.frames), deadline, &mut |b| bar.set_position(b))?;
+    let (run, secs) = crate::frames::receive_vhost_user(&sock, reg, area, net_config(), &mut sink, Some(a.frames), deadline, &mut |b| bar.set_position(b))?;
     bar.finish_and_clear();
     let bs = b.stop();
     if let Some(e) = sink.first_error {

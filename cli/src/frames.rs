@@ -115,10 +115,12 @@ impl Sink for FrameSink<'_> {
 
 /// Receive frames zero-copy from the device behind `transport` until `count` frames, the
 /// deadline, or Ctrl-C. Returns the run and its duration in seconds.
+#[allow(clippy::too_many_arguments)] // the registration (3), the sink, the stop conditions (2), progress
 pub fn receive_device(
     transport: Box<dyn driver::transport::Transport>,
     reg: zcrx::IfqReg,
     area: zcrx::AreaReg,
+    cfg: driver::NetConfig,
     sink: &mut FrameSink<'_>,
     count: Option<u64>,
     deadline: Option<std::time::Instant>,
@@ -126,7 +128,7 @@ pub fn receive_device(
 ) -> Result<(crate::receive::RunStats, f64), String> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let device = transport.describe();
-    let (rx, user) = driver::register_ifq(transport, reg, area, driver::NetConfig::default()).map_err(|e| e.to_string())?;
+    let (rx, user) = driver::register_ifq(transport, reg, area, cfg).map_err(|e| e.to_string())?;
     tracing::info!("receiving zero-copy from {device}");
     if crate::frames::ANNOUNCE.load(Ordering::Relaxed) {
         eprintln!("zcrx: receiving zero-copy from {device}");
@@ -148,15 +150,17 @@ pub fn receive_device(
 }
 
 /// [`receive_device`] from the vhost-user backend listening at `path`.
+#[allow(clippy::too_many_arguments)] // as receive_device
 pub fn receive_vhost_user(
     path: &std::path::Path,
     reg: zcrx::IfqReg,
     area: zcrx::AreaReg,
+    cfg: driver::NetConfig,
     sink: &mut FrameSink<'_>,
     count: Option<u64>,
     deadline: Option<std::time::Instant>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(crate::receive::RunStats, f64), String> {
     let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
-    receive_device(Box::new(transport), reg, area, sink, count, deadline, progress)
+    receive_device(Box::new(transport), reg, area, cfg, sink, count, deadline, progress)
 }

@@ -37,6 +37,11 @@ pub struct RxArgs {
     pub min_frame: usize,
     #[arg(long, default_value_t = 64)]
     pub max_frame: usize,
+    /// The peer's MTU, when known (--vhost-user, --vfio): frames of up to MTU + 18 bytes then
+    /// fit one buffer, so MRG_RXBUF is not negotiated and the driver does not read each frame's
+    /// header. Without it frames may span buffers.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65535))]
+    pub mtu: Option<u32>,
     /// Address to listen on (TCP: accept one connection; UDP: bind).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -60,6 +65,12 @@ pub struct RxArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Device settings from the command line: the longest frame is the MTU plus the Ethernet
+/// header and a VLAN tag.
+pub fn net_config(mtu: Option<u32>) -> driver::NetConfig {
+    driver::NetConfig { max_frame: mtu.map(|m| m + 18), ..Default::default() }
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -320,7 +331,7 @@ fn rx_device(a: &RxArgs, dev: Device<'_>) -> Result<(), String> {
         Device::Vfio(_) => "vfio-zc",
     };
     crate::frames::ANNOUNCE.store(true, Ordering::Relaxed);
-    let (run, secs) = crate::frames::receive_device(transport, reg, area, &mut sink, a.count, deadline, &mut |_| {})?;
+    let (run, secs) = crate::frames::receive_device(transport, reg, area, net_config(a.mtu), &mut sink, a.count, deadline, &mut |_| {})?;
     if let Some(w) = sink.pcap.as_mut() {
         w.flush().map_err(|e| format!("pcap: {e}"))?;
     }

@@ -267,7 +267,7 @@ fn queue_addrs(q: &SplitQueue) -> QueueAddrs {
 /// Returns the transport, reset and reconnected (at DRIVER, features next).
 fn fault_then_recover(a: &Args, mut t: VfioPci) -> Result<VfioPci, String> {
     let e = |what: &'static str| move |err: driver::transport::TransportError| format!("{what}: {err}");
-    let features = driver::net::negotiate(&mut t).map_err(|err| format!("negotiate: {err}"))?;
+    let features = driver::net::negotiate(&mut t, true).map_err(|err| format!("negotiate: {err}"))?;
     let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
     let size = 64.min(t.max_queue_size(0).map_err(e("queue size"))?).min(t.max_queue_size(1).map_err(e("queue size"))?);
     let qlen = virtqueue::layout(size, event_idx).total_len;

@@ -28,6 +28,10 @@ pub const TXQ: u16 = 1;
 /// Bytes per rx bounce buffer in copy mode (header included): a 1514-byte frame fits in one, and
 /// any fragment fits in a niov (niovs are at least a page).
 pub const RX_COPY_BUF_LEN: u32 = 2048;
+/// Zero copy: where in a niov the device writes. The header goes just before the second cache
+/// line, so the frame itself starts cache-line aligned, as in DPDK's mbufs (a sender copying
+/// 1500 bytes to an address 12 bytes past a line splits every vector store in two).
+pub const RX_HEADROOM: u32 = 64 - NET_HDR_LEN as u32;
 
 const fn bit(b: u32) -> u64 {
     1 << b
@@ -78,11 +82,17 @@ pub struct NetConfig {
     /// in the driver's memory instead of the ifq's niovs, and copy every fragment into a free
     /// niov (completions count as `copy_*`). Off: zero copy.
     pub rx_copy: bool,
+    /// The longest frame the device will deliver (Ethernet header and VLAN tag, no FCS), when
+    /// the user knows it (the peer's MTU + 18). If it fits in one rx buffer, MRG_RXBUF is not
+    /// negotiated: every frame is one buffer and the driver never reads the frame's header
+    /// (on the polling path that read is a cache miss per frame, on a line the device wrote).
+    /// `None`: frames may be of any length (MRG_RXBUF when the device offers it).
+    pub max_frame: Option<u32>,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
-        Self { queue_size: 1024, tx_buffers: 256, tx_buf_len: 2048, rx_copy: false }
+        Self { queue_size: 1024, tx_buffers: 256, tx_buf_len: 2048, rx_copy: false, max_frame: None }
     }
 }
 
@@ -134,13 +144,17 @@ impl std::fmt::Debug for VirtioNet {
     }
 }
 
-/// Negotiate features; the first step of opening a device.
-pub fn negotiate(t: &mut dyn Transport) -> Result<u64, NetError> {
+/// Negotiate features; the first step of opening a device. `frames_span`: frames may be longer
+/// than one rx buffer (MRG_RXBUF is then negotiated when offered).
+pub fn negotiate(t: &mut dyn Transport, frames_span: bool) -> Result<u64, NetError> {
     let offered = t.device_features()?;
     if offered & bit(VIRTIO_F_VERSION_1) == 0 {
         return Err(NetError::NotModern);
     }
     let mut want = offered & SUPPORTED;
+    if !frames_span {
+        want &= !bit(VIRTIO_NET_F_MRG_RXBUF);
+    }
     if t.translates_addresses() {
         if offered & bit(VIRTIO_F_ACCESS_PLATFORM) == 0 {
             return Err(NetError::NoAccessPlatform);
@@ -182,7 +196,10 @@ impl VirtioNet {
         };
         // SAFETY: the two regions are disjoint, inside `mem`, which outlives the queues (field
         // order), and nobody else in this process touches them.
-        let rx = unsafe { SplitQueue::new(size, qmem(0), event_idx)? };
+        let mut rx = unsafe { SplitQueue::new(size, qmem(0), event_idx)? };
+        // Rx chains are one buffer: fixed slots, so a buffer coming back in order is posted in
+        // the same slot and descriptor again, without a store the device would have to fetch.
+        rx.use_fixed_slots().expect("a new queue is idle");
         // SAFETY: as above.
         let tx = unsafe { SplitQueue::new(size, qmem(qlen), event_idx)? };
         let mut dev = Self {
@@ -359,7 +376,8 @@ impl RxBufs<'_> {
     fn ptr(&self, token: u32) -> *mut u8 {
         match &self.bounce {
             Some((mem, base, _)) => mem.ptr_at(base + token as usize * RX_COPY_BUF_LEN as usize),
-            None => self.ifq.area().niov_ptr(token),
+            // SAFETY: the headroom is less than a niov (at least a page), inside the area.
+            None => unsafe { self.ifq.area().niov_ptr(token).add(RX_HEADROOM as usize) },
         }
     }
 
@@ -380,7 +398,7 @@ impl RxBufs<'_> {
         match &mut self.bounce {
             None => {
                 // Cannot fail: at most `cq_space` entries are reaped.
-                let _ = self.ifq.complete(token, off, len, flags, false);
+                let _ = self.ifq.complete(token, off + RX_HEADROOM, len, flags, false);
             }
             Some((mem, base, free)) => {
                 let n = self.ifq.take_free().expect("no more used entries are reaped than there are free niovs");
@@ -526,14 +544,16 @@ impl NetRx {
     fn post_niovs(&mut self, want: u32) -> u32 {
         // Returned buffers go back on top of the free stack first and are posted again while
         // still in cache: the device writes into a working set of about one queue, not the
-        // whole area (cold writes cut 1500-byte receive to a third here).
+        // whole area (cold writes cut 1500-byte receive to a third here). They come off in the
+        // order they were returned, so a buffer returned in completion order lands in the slot
+        // (and descriptor) it came from, which then needs no store.
         self.ifq.refill_from_rq();
         let len = self.ifq.area().rx_buf_len();
         let mut added = 0;
         while added < want {
             let Some(i) = self.ifq.take_free() else { break };
             let addr = self.ifq.area().niov_dma(i).expect("a device ifq's area is mapped");
-            if self.dev.rx.add(&[Buf { addr, len, device_writable: true }], i).is_err() {
+            if self.dev.rx.add(&[Buf { addr: addr + RX_HEADROOM as u64, len: len - RX_HEADROOM, device_writable: true }], i).is_err() {
                 self.ifq.put_back(i);
                 break;
             }

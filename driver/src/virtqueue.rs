@@ -20,6 +20,13 @@
 //! loaded with acquire before the used entries are read. No allocation after
 //! [`SplitQueue::new`]. Indirect descriptors and the packed ring are not supported.
 //!
+//! Every line the driver writes and the device reads moves between cores (or over PCIe), so
+//! the driver skips stores that would not change anything: descriptors are written only where
+//! they differ from a private copy, and with [`SplitQueue::use_fixed_slots`] (one-buffer chains,
+//! as an rx queue posts) avail slot `i` always names descriptor `i`, so the avail entries are
+//! written once. A device completing in order then gets the same buffer back in the same slot:
+//! in steady state the driver writes only `avail.idx`. (DPDK's virtio rx does the same.)
+//!
 //! Typical use:
 //!
 //! ```text
@@ -139,6 +146,12 @@ pub enum AddError {
     ChainTooBig { bytes: u64 },
     #[error("queue is broken by a device error; reset the device and drain_in_flight")]
     Broken,
+    /// Fixed slots: the next slot's descriptor is still in flight (the device completes out of
+    /// order); retry after it comes back.
+    #[error("avail slot {slot} is still in flight")]
+    SlotBusy { slot: u16 },
+    #[error("fixed slots take one-buffer chains, not {len}")]
+    NotSingle { len: usize },
 }
 
 /// What the device did wrong (or [`DeviceError::Broken`]: it did so earlier). `pos` is the
@@ -216,6 +229,10 @@ pub struct SplitQueue {
     heads: Box<[Head]>,
     /// Private copy of the avail ring entries, so `publish` need not read shared memory.
     avail_shadow: Box<[u16]>,
+    /// What we last stored in each descriptor (addr; len | flags << 32 | next << 48).
+    desc_shadow: Box<[[u64; 2]]>,
+    /// Avail slot `i` always names descriptor `i` ([`SplitQueue::use_fixed_slots`]).
+    fixed_slots: bool,
 
     free_head: u16,
     num_free: u16,
@@ -298,6 +315,8 @@ impl SplitQueue {
             next: vec![0; n].into_boxed_slice(),
             heads: vec![IDLE_HEAD; n].into_boxed_slice(),
             avail_shadow: vec![0; n].into_boxed_slice(),
+            desc_shadow: vec![[0; 2]; n].into_boxed_slice(),
+            fixed_slots: false,
             free_head: 0,
             num_free: 0,
             in_flight: 0,
@@ -326,6 +345,13 @@ impl SplitQueue {
         }
         self.heads.fill(IDLE_HEAD);
         self.avail_shadow.fill(0);
+        self.desc_shadow.fill([0; 2]);
+        if self.fixed_slots {
+            for i in 0..self.size {
+                self.avail_shadow[usize::from(i)] = i;
+                self.avail_entry(i).store(i.to_le(), Ordering::Relaxed);
+            }
+        }
         self.free_head = 0;
         self.num_free = self.size;
         self.in_flight = 0;
@@ -370,12 +396,21 @@ impl SplitQueue {
         self.size - 1
     }
 
-    fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    /// Store descriptor `i`, skipping the words that already hold these values. (The device
+    /// may scribble on the table, but we never read it back, and a device that rewrites its own
+    /// buffer addresses could as well write to those addresses directly.)
+    #[inline]
+    fn write_desc(&mut self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let off = self.layout.desc_offset + DESC_SIZE * usize::from(i);
-        self.u64_at(off).store(addr.to_le(), Ordering::Relaxed);
-        self.u32_at(off + 8).store(len.to_le(), Ordering::Relaxed);
-        self.u16_at(off + 12).store(flags.to_le(), Ordering::Relaxed);
-        self.u16_at(off + 14).store(next.to_le(), Ordering::Relaxed);
+        let w = [addr, u64::from(len) | u64::from(flags) << 32 | u64::from(next) << 48];
+        let old = self.desc_shadow[usize::from(i)];
+        if old[0] != w[0] {
+            self.u64_at(off).store(w[0].to_le(), Ordering::Relaxed);
+        }
+        if old[1] != w[1] {
+            self.u64_at(off + 8).store(w[1].to_le(), Ordering::Relaxed);
+        }
+        self.desc_shadow[usize::from(i)] = w;
     }
 
     fn avail_flags(&self) -> &AtomicU16 {
@@ -409,6 +444,19 @@ impl SplitQueue {
 
     // ---- the driver's operations -------------------------------------------------------------
 
+    /// From now on avail slot `i` names descriptor `i` and every chain is one buffer (an rx
+    /// queue). Only on an idle queue (nothing in flight); survives [`Self::drain_in_flight`].
+    /// A device completing out of order makes [`Self::add`] wait for the slot
+    /// ([`AddError::SlotBusy`]): slower, but nothing is lost.
+    pub fn use_fixed_slots(&mut self) -> Result<(), AddError> {
+        if self.in_flight != 0 {
+            return Err(AddError::Full { needed: usize::from(self.size), free: self.num_free });
+        }
+        self.fixed_slots = true;
+        self.reinit();
+        Ok(())
+    }
+
     /// Put a chain in the next avail slot, not yet visible to the device (see [`Self::publish`]).
     /// Device-readable buffers must come first. Returns the head descriptor id. Takes exactly
     /// `bufs.len()` descriptors off the free list; on error nothing changes.
@@ -438,9 +486,15 @@ impl SplitQueue {
         if total > MAX_CHAIN_BYTES {
             return Err(AddError::ChainTooBig { bytes: total });
         }
+        if self.fixed_slots && bufs.len() != 1 {
+            return Err(AddError::NotSingle { len: bufs.len() });
+        }
         let n = bufs.len() as u16; // <= size <= 32768
         if n > self.num_free {
             return Err(AddError::Full { needed: bufs.len(), free: self.num_free });
+        }
+        if self.fixed_slots {
+            return self.add_fixed(bufs, token, writable);
         }
 
         // The free list is already linked through `next`: the chain is its first n entries.
@@ -462,6 +516,22 @@ impl SplitQueue {
         let slot = self.avail_idx & self.mask();
         self.avail_shadow[usize::from(slot)] = head;
         self.avail_entry(slot).store(head.to_le(), Ordering::Relaxed);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.in_flight += 1;
+        Ok(head)
+    }
+
+    /// [`Self::add`] with fixed slots: the chain (checked by the caller) goes in the descriptor
+    /// of its avail slot, whose entry already names it.
+    fn add_fixed(&mut self, bufs: &[Buf], token: u32, writable: u64) -> Result<u16, AddError> {
+        let [b] = bufs else { unreachable!("checked by add") };
+        let head = self.avail_idx & self.mask();
+        if self.heads[usize::from(head)].state != HeadState::Idle {
+            return Err(AddError::SlotBusy { slot: head });
+        }
+        self.write_desc(head, b.addr, b.len, if b.device_writable { F_WRITE } else { 0 }, 0);
+        self.num_free -= 1;
+        self.heads[usize::from(head)] = Head { token, writable, chain_len: 1, state: HeadState::Added };
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.in_flight += 1;
         Ok(head)
@@ -592,6 +662,11 @@ impl SplitQueue {
 
     /// Return a chain to the free list, walking our private links only.
     fn free_chain(&mut self, head: u16, chain_len: u16) {
+        if self.fixed_slots {
+            // One descriptor, bound to its slot; the free list is not used.
+            self.num_free += 1;
+            return;
+        }
         let mut last = head;
         for _ in 1..chain_len {
             last = self.next[usize::from(last)];
@@ -813,6 +888,102 @@ mod tests {
     }
     fn r(addr: u64, len: u32) -> Buf {
         Buf { addr, len, device_writable: false }
+    }
+
+    // ---- fixed slots ---------------------------------------------------------------------------
+
+    /// The queue's bytes the driver writes (descriptor table and avail ring), minus `avail.idx`.
+    fn driver_bytes(h: &Harness) -> Vec<u8> {
+        let l = h.vq.layout();
+        let mut v = h.read(BASE, l.used_offset);
+        v[l.avail_offset + 2..l.avail_offset + 4].fill(0);
+        v
+    }
+
+    #[test]
+    fn fixed_slots_steady_state_writes_only_avail_idx() {
+        const N: u16 = 16;
+        let mut h = harness(N, false);
+        h.vq.use_fixed_slots().unwrap();
+        let buf = |i: u16| w(h.data + 4096 * u64::from(i), 4096);
+        let bufs: Vec<Buf> = (0..N).map(buf).collect();
+        for (i, b) in bufs.iter().enumerate() {
+            assert_eq!(h.vq.add(&[*b], i as u32).unwrap(), i as u16, "slot i uses descriptor i");
+        }
+        h.vq.publish();
+        let before = driver_bytes(&h);
+        for round in 0..3u8 {
+            // The device completes in order; the driver posts each buffer again as it comes back.
+            let mut got = Vec::new();
+            for _ in 0..N {
+                let c = h.pop().unwrap();
+                assert_eq!(c.descs, vec![(bufs[usize::from(c.head)].addr, 4096, true)]);
+                h.complete(&c, 100, round);
+            }
+            h.vq.poll_used(64, |u| got.push(u.token)).unwrap();
+            assert_eq!(got, (0..u32::from(N)).collect::<Vec<_>>());
+            for t in got {
+                h.vq.add(&[bufs[t as usize]], t).unwrap();
+            }
+            h.vq.publish();
+            assert_eq!(driver_bytes(&h), before, "round {round}: descriptors and avail entries untouched");
+        }
+        // A different buffer in a slot is written, and the device sees it.
+        let c = h.pop().unwrap();
+        h.complete(&c, 1, 9);
+        let mut t = None;
+        h.vq.poll_used(1, |u| t = Some(u.token)).unwrap();
+        h.vq.add(&[w(h.data + 4096 * 100, 512)], 77).unwrap();
+        h.vq.publish();
+        for _ in 1..N {
+            let c = h.pop().unwrap();
+            assert_eq!(c.descs[0].0, bufs[usize::from(c.head)].addr);
+        }
+        assert_eq!(h.pop().unwrap().descs, vec![(h.data + 4096 * 100, 512, true)]);
+        assert_eq!(t, Some(0));
+    }
+
+    #[test]
+    fn fixed_slots_out_of_order_device_waits_and_loses_nothing() {
+        let mut h = harness(4, false);
+        h.vq.use_fixed_slots().unwrap();
+        for i in 0..4u16 {
+            h.vq.add(&[w(h.data + 4096 * u64::from(i), 64)], u32::from(i)).unwrap();
+        }
+        h.vq.publish();
+        let chains: Vec<DevChain> = (0..4).map(|_| h.pop().unwrap()).collect();
+        // The device completes slot 1 before slot 0.
+        h.complete(&chains[1], 10, 0);
+        let mut got = Vec::new();
+        h.vq.poll_used(8, |u| got.push(u.token)).unwrap();
+        assert_eq!(got, vec![1]);
+        assert_eq!(h.vq.free_descriptors(), 1);
+        // The next slot is 0, still the device's: nothing changes.
+        assert_eq!(h.vq.add(&[w(h.data, 64)], 9), Err(AddError::SlotBusy { slot: 0 }));
+        assert_eq!((h.vq.in_flight(), h.vq.unpublished()), (3, 0));
+        h.complete(&chains[0], 10, 0);
+        h.vq.poll_used(8, |u| got.push(u.token)).unwrap();
+        assert_eq!(h.vq.add(&[w(h.data, 64)], 9).unwrap(), 0);
+        assert_eq!(h.vq.add(&[w(h.data + 4096, 64)], 10).unwrap(), 1);
+        // One-buffer chains only; refused without side effects.
+        h.vq.poll_used(8, |_| {}).unwrap();
+        assert_eq!(h.vq.add(&[r(h.data, 8), w(h.data + 64, 8)], 11), Err(AddError::NotSingle { len: 2 }));
+        assert_eq!(drain(&mut h.vq), vec![2, 3, 9, 10]);
+        // Still fixed after a drain: slot i names descriptor i again.
+        let l = h.vq.layout();
+        let entries = h.read(BASE + l.avail_offset as u64 + 4, 8);
+        assert_eq!(entries, [0, 0, 1, 0, 2, 0, 3, 0]);
+        assert_eq!(h.vq.add(&[w(h.data, 64)], 1).unwrap(), 0);
+        assert_eq!(h.vq.add(&[w(h.data, 64)], 2).unwrap(), 1);
+    }
+
+    #[test]
+    fn fixed_slots_only_on_an_idle_queue() {
+        let mut h = harness(4, false);
+        h.vq.add(&[w(h.data, 64)], 0).unwrap();
+        assert!(h.vq.use_fixed_slots().is_err());
+        assert_eq!(drain(&mut h.vq), vec![0]);
+        h.vq.use_fixed_slots().unwrap();
     }
 
     // ---- layout and setup --------------------------------------------------------------------

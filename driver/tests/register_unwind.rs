@@ -28,6 +28,7 @@ use zcrx::{AreaError, AreaReg, Cqe, DmaError, DmaMap, DmaSegment, IfqReg, IfqUse
 const MIB: usize = 1 << 20;
 const AREA_LEN: usize = MIB;
 const RX_BUF_LEN: u32 = 4096;
+use driver::net::RX_HEADROOM;
 const DEVICE: &str = "fake-virtio-net 0";
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const OFFER: u64 = 1 << VIRTIO_F_VERSION_1
@@ -506,9 +507,9 @@ fn register_ok(start: Snap, what: &str) -> (NetRx, IfqUser, Shared, Cqe, Vec<u8>
                     AtomicU16::from_ptr((d + 12) as *mut u16).load(Ordering::Relaxed),
                 )
             };
-            assert_eq!((len, flags), (RX_BUF_LEN, VRING_DESC_F_WRITE as u16), "{what}: rx descriptor {pos}");
+            assert_eq!((len, flags), (RX_BUF_LEN - RX_HEADROOM, VRING_DESC_F_WRITE as u16), "{what}: rx descriptor {pos}");
             assert!(addr >= area_iova && addr + len as u64 <= area_iova + AREA_LEN as u64, "{what}: rx buffer outside the area");
-            assert_eq!((addr - area_iova) % RX_BUF_LEN as u64, 0, "{what}: rx buffer not a whole niov");
+            assert_eq!((addr - area_iova) % RX_BUF_LEN as u64, RX_HEADROOM as u64, "{what}: rx buffer not a niov past the headroom");
             assert!(seen.insert(addr), "{what}: niov at {addr:#x} posted twice");
         }
         let notifies = st.log.iter().filter(|e| matches!(e, Ev::Notify(0))).count() as u64;
@@ -527,7 +528,7 @@ fn register_ok(start: Snap, what: &str) -> (NetRx, IfqUser, Shared, Cqe, Vec<u8>
     assert_eq!((r.completions, r.bytes), (1, payload.len() as u64), "{what}");
     let mut c = [Cqe::default(); 4];
     assert_eq!(user.recv(&mut c), 1, "{what}: one completion");
-    assert_eq!(c[0].area_offset() % RX_BUF_LEN as u64, 12, "{what}: data after the virtio-net header");
+    assert_eq!(c[0].area_offset() % RX_BUF_LEN as u64, 64, "{what}: data after the headroom and the virtio-net header");
     assert_eq!(c[0].off & !AREA_MASK, user.area_token());
     assert_eq!(user.data(&c[0]).unwrap(), &payload[..], "{what}: data in place");
     (rx, user, s, c[0], payload)

@@ -392,6 +392,10 @@ impl Ifq {
             }
         }
         self.rq.release();
+        // The first returned goes out first (the stack's top is its end): a user returning in
+        // completion order gets each buffer posted again in the order it was used.
+        let n = self.free.len();
+        self.free[n - returned as usize..].reverse();
         self.stats.refilled += returned as u64;
         self.stats.flushes += 1;
         if invalid != 0 {
