@@ -576,6 +576,10 @@ impl NetRx {
             self.pending = 0;
             return Err(NetError::Device { queue: "tx", err: crate::virtqueue::DeviceError::Broken });
         }
+        // Post what the user returned since the last poll first, before reaping: the slots to
+        // fill are the ones the last poll reaped, and a user returning in completion order
+        // gives back the very buffers they held, so no descriptor changes (see `post_niovs`).
+        self.refill();
         let copy = self.dev.cfg.rx_copy;
         let space = self.ifq.cq_space() as usize;
         let mut out = RxPoll { cq_full: space == 0, ..Default::default() };
@@ -638,7 +642,10 @@ impl NetRx {
             self.pending = 0;
             return Err(e);
         }
-        self.refill();
+        if copy {
+            // The copied bounce buffers are the driver's own: back on the ring at once.
+            self.refill();
+        }
         self.dev.stats.rx_polls += 1;
         if out.completions == 0 {
             self.dev.stats.rx_empty_polls += 1;
