@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::Backoff;
-use zcrx::{BufError, CopyOutcome, Cqe, Ifq, IfqStats, IfqUser};
+use zcrx::{CopyOutcome, Cqe, Ifq, IfqStats, IfqUser};
 
 /// Completions taken per batch.
 pub const BATCH: usize = 256;
@@ -75,28 +75,28 @@ pub struct RunStats {
     pub device: Option<driver::NetStats>,
 }
 
-/// Take every ready completion, feed the sink, refill. `on_rq_full` must make refill-queue room
-/// (flush) — the buffer stays ours until it fits, nothing is dropped.
+/// Take every ready completion, feed the sink in place and return the buffer at once
+/// ([`IfqUser::consume`]). `on_rq_full` must make refill-queue room (flush) — completions wait
+/// in their ring meanwhile, nothing is dropped.
 fn drain(
     user: &mut IfqUser,
-    cqes: &mut [Cqe],
     sink: &mut dyn Sink,
     on_rq_full: &mut dyn FnMut(&mut IfqUser),
 ) -> Result<(u64, u64), String> {
-    let n = user.recv(cqes);
     let mut bytes = 0;
-    for c in &cqes[..n] {
-        let d = user.data(c).map_err(|e| e.to_string())?;
-        bytes += d.len() as u64;
-        sink.data(d, c)?;
-        loop {
-            match user.refill(c) {
-                Ok(()) => break,
-                Err(BufError::RqFull) => on_rq_full(user),
-                Err(e) => return Err(e.to_string()),
-            }
+    let n = loop {
+        let n = user
+            .consume(BATCH, |d, c| {
+                bytes += d.len() as u64;
+                sink.data(d, c)
+            })
+            .map_err(|e| e.to_string())?;
+        if n == 0 && user.cq_ready() != 0 {
+            on_rq_full(user);
+            continue;
         }
-    }
+        break n;
+    };
     if n != 0 {
         user.flush_rq();
     }
@@ -111,13 +111,12 @@ pub fn run_inline(
     progress: &mut dyn FnMut(u64),
     stop: &AtomicBool,
 ) -> Result<RunStats, String> {
-    let mut cqes = vec![Cqe::default(); BATCH];
     let mut run = RunStats::default();
     let mut eof = false;
     while !eof && !stop.load(Ordering::Relaxed) {
         eof = rx.step()? == Step::Eof;
         loop {
-            let (b, n) = drain(&mut user, &mut cqes, sink, &mut |u| {
+            let (b, n) = drain(&mut user, sink, &mut |u| {
                 u.flush_rq();
                 rx.serve_flush();
             })?;
@@ -166,13 +165,12 @@ pub fn run_threaded(
         })
         .map_err(|e| format!("cannot start the receive thread: {e}"))?;
 
-    let mut cqes = vec![Cqe::default(); BATCH];
     let mut run = RunStats::default();
     let backoff = Backoff::new();
     let mut result = Ok(());
     loop {
         let finished = done.load(Ordering::Acquire);
-        match drain(&mut user, &mut cqes, sink, &mut |u| {
+        match drain(&mut user, sink, &mut |u| {
             u.flush_rq();
             Backoff::new().snooze();
         }) {

@@ -478,6 +478,17 @@ pub enum BufError {
     RqFull,
 }
 
+/// Why [`IfqUser::consume`] stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConsumeError<E> {
+    /// A completion the receive side should not have written; it is still in the ring.
+    #[error("{0}")]
+    Buf(BufError),
+    /// The callback failed (its buffer was returned).
+    #[error("{0}")]
+    Sink(E),
+}
+
 /// The application side of an interface queue.
 pub struct IfqUser {
     rq: Producer<Rqe>,
@@ -553,6 +564,64 @@ impl IfqUser {
         Ok(())
     }
 
+    /// Take up to `max` completions and give each one's bytes to `f` in place, then its buffer
+    /// straight back (staged on the refill queue; publish with [`IfqUser::commit_rq`] or
+    /// [`IfqUser::flush_rq`]): the process-then-return loop of most receivers, with each
+    /// completion checked once and no buffer ever counted as held. No more are taken than the
+    /// refill queue has room for: `Ok(0)` with completions waiting means it is full (flush).
+    ///
+    /// `f` failing stops the batch after that buffer was returned; a completion naming no
+    /// buffer of this area stops it before, left unread. Nothing is lost either way.
+    pub fn consume<E>(
+        &mut self,
+        max: usize,
+        mut f: impl FnMut(&[u8], &Cqe) -> Result<(), E>,
+    ) -> Result<usize, ConsumeError<E>> {
+        let ready = self.cq.available() as usize;
+        if ready == 0 {
+            return Ok(0);
+        }
+        let n = max.min(ready).min(self.rq.free_for(ready.min(max) as u32) as usize);
+        let base = self.mem.ptr().as_ptr();
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < n {
+            let Some(c) = self.cq.pop() else { break };
+            let Some(i) = self.niov_of(c.off, c.len) else {
+                // Leave it in the ring; nothing was taken.
+                self.cq.unpop();
+                result = Err(ConsumeError::Buf(if c.off & !AREA_MASK != self.token {
+                    BufError::BadToken(c.off)
+                } else {
+                    BufError::OutOfRange { off: c.off, len: c.len }
+                }));
+                break;
+            };
+            // SAFETY: niov_of checked the range is inside the area and one niov; the receive
+            // side completed the buffer to us and will not write it before we return it, which
+            // happens below, after `f` is done with the slice.
+            let bytes = unsafe { std::slice::from_raw_parts(base.add(c.area_offset() as usize), c.len as usize) };
+            let r = f(bytes, &c);
+            let off = self.token | ((i as u64) << self.niov_shift);
+            // Room was reserved above: this cannot fail.
+            let _ = self.rq.push(Rqe { off, len: 1 << self.niov_shift, pad: 0 });
+            done += 1;
+            if let Err(e) = r {
+                result = Err(ConsumeError::Sink(e));
+                break;
+            }
+        }
+        if done != 0 {
+            self.cq.release();
+        }
+        result.map(|()| done)
+    }
+
+    /// Completions ready to take.
+    pub fn cq_ready(&mut self) -> u32 {
+        self.cq.available()
+    }
+
     /// Publish staged refill entries.
     pub fn commit_rq(&mut self) {
         self.rq.commit();
@@ -606,5 +675,97 @@ impl IfqUser {
     /// The area memory (kept alive as long as this end lives).
     pub fn memory(&self) -> &Arc<AreaMemory> {
         &self.mem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AreaReg, MemoryKind};
+
+    const BUF: usize = 4096;
+
+    /// A NODEV ifq of `n` buffers with `k` of them completed to the user: buffer `j` holds
+    /// `j + 1` bytes of value `j`.
+    fn setup(n: usize, rq: u32, k: u32) -> (Ifq, IfqUser) {
+        let reg = IfqReg { rq_entries: rq, cq_entries: 16, ..IfqReg::default() };
+        let (mut ifq, user) = Ifq::register(reg, AreaReg::new(MemoryKind::Anonymous, n * BUF), None).unwrap();
+        for j in 0..k {
+            let i = ifq.take_free().unwrap();
+            // SAFETY: niov i was just taken from the free list; nobody else touches it.
+            unsafe { std::ptr::write_bytes(ifq.area().niov_ptr(i), j as u8, j as usize + 1) };
+            ifq.complete(i, 0, j + 1, 0, true).unwrap();
+        }
+        ifq.commit();
+        (ifq, user)
+    }
+
+    #[test]
+    fn consume_reads_in_place_and_returns_every_buffer() {
+        let (mut ifq, mut user) = setup(8, 8, 5);
+        let mut seen = Vec::new();
+        let n = user.consume(64, |d, _| {
+            seen.push(d.to_vec());
+            Ok::<(), ()>(())
+        });
+        assert_eq!(n, Ok(5));
+        assert_eq!(seen, (0..5u8).map(|j| vec![j; j as usize + 1]).collect::<Vec<_>>());
+        assert_eq!((user.held_count(), ifq.user_count()), (0, 5), "returned, not yet flushed");
+        user.flush_rq();
+        assert_eq!(ifq.poll_flush_request(), 5);
+        assert_eq!((ifq.free_count(), ifq.user_count(), ifq.stats().invalid_rqes), (8, 0, 0));
+        assert_eq!(user.consume(64, |_, _| Ok::<(), ()>(())), Ok(0), "nothing left");
+    }
+
+    #[test]
+    fn consume_takes_no_more_than_the_refill_queue_holds() {
+        let (mut ifq, mut user) = setup(8, 2, 5);
+        let ok = |_: &[u8], _: &Cqe| Ok::<(), ()>(());
+        assert_eq!(user.consume(64, ok), Ok(2));
+        assert_eq!(user.consume(64, ok), Ok(0), "refill queue full");
+        assert_eq!(user.cq_ready(), 3, "the rest waits in the completion ring");
+        user.flush_rq();
+        ifq.poll_flush_request();
+        assert_eq!(user.consume(64, ok), Ok(2));
+        user.flush_rq();
+        ifq.poll_flush_request();
+        assert_eq!(user.consume(64, ok), Ok(1));
+        user.flush_rq();
+        ifq.poll_flush_request();
+        assert_eq!((ifq.free_count(), ifq.user_count(), user.cq_ready()), (8, 0, 0));
+    }
+
+    #[test]
+    fn consume_stops_at_a_failing_sink_and_loses_nothing() {
+        let (mut ifq, mut user) = setup(8, 8, 4);
+        let mut calls = 0;
+        let r = user.consume(64, |d, _| {
+            calls += 1;
+            if d.len() == 2 { Err("disk full") } else { Ok(()) }
+        });
+        assert_eq!((r, calls), (Err(ConsumeError::Sink("disk full")), 2));
+        assert_eq!(user.cq_ready(), 2, "the rest still in the ring");
+        assert_eq!(user.consume(64, |d, _| if d.len() > 2 { Ok::<(), ()>(()) } else { Err(()) }), Ok(2));
+        user.flush_rq();
+        ifq.poll_flush_request();
+        assert_eq!((ifq.free_count(), ifq.user_count()), (8, 0), "the failed one was returned too");
+    }
+
+    #[test]
+    fn consume_refuses_a_completion_outside_the_area() {
+        let (mut ifq, mut user) = setup(8, 8, 1);
+        let end = ifq.area().len() as u64;
+        for bad in [Cqe { off: area_token(3), len: 1, flags: 0 }, Cqe { off: ifq.token | end, len: 1, flags: 0 }] {
+            ifq.cq.push(bad).unwrap();
+        }
+        ifq.commit();
+        let ok = |_: &[u8], _: &Cqe| Ok::<(), ()>(());
+        assert_eq!(user.consume(64, ok), Err(ConsumeError::Buf(BufError::BadToken(area_token(3)))), "the good one first, then stop");
+        assert_eq!((user.cq_ready(), ifq.user_count(), user.held_count()), (2, 1, 0), "the bad one stays, unread");
+        // `recv` reports the same entries without marking anything held.
+        let mut c = [Cqe::default(); 4];
+        assert_eq!(user.recv(&mut c), 2);
+        assert_eq!(user.data(&c[1]), Err(BufError::OutOfRange { off: ifq.token | end, len: 1 }));
+        assert_eq!(user.held_count(), 0);
     }
 }

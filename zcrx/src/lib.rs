@@ -36,6 +36,6 @@ pub mod uring;
 pub use area::{Area, AreaError, AreaMemory, AreaReg, AreaSource, MemoryKind};
 pub use copy::{CopyLimits, CopyOutcome};
 pub use dma::{DmaError, DmaMap, DmaSegment};
-pub use ifq::{BufError, Error, Ifq, IfqStats, IfqUser, NiovState, RegError};
+pub use ifq::{BufError, ConsumeError, Error, Ifq, IfqStats, IfqUser, NiovState, RegError};
 pub use memlock::MemlockPolicy;
 pub use uapi::{Cqe, IfqReg, Rqe};

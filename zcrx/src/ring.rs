@@ -205,6 +205,12 @@ impl<T: Copy + Send> Consumer<T> {
         Some(v)
     }
 
+    /// Put the last popped entry back (it was not consumed; not released yet).
+    #[inline]
+    pub fn unpop(&mut self) {
+        self.head = self.head.wrapping_sub(1);
+    }
+
     /// Hand consumed slots back to the producer.
     #[inline]
     pub fn release(&mut self) {

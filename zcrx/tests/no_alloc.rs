@@ -1,6 +1,7 @@
 //! The receive + refill path allocates nothing in steady state: after a warm-up, thousands of
-//! iterations of `copy_stream`, `user.recv` (into a preallocated array), `user.data`,
-//! `user.refill`, `user.flush_rq` and `ifq.poll_flush_request` over a TCP loopback stream make
+//! iterations of `copy_stream`, `user.recv` (into a preallocated array), `user.data` and
+//! `user.refill` (or `user.consume` every third time), `user.flush_rq` and
+//! `ifq.poll_flush_request` over a TCP loopback stream make
 //! zero heap allocations on the receiving thread.
 //!
 //! A counting global allocator counts only on threads that armed it (a const thread-local, so
@@ -69,7 +70,7 @@ fn events() -> u64 {
 const PERIOD: usize = 251;
 const MAX_READ: usize = 16 * 4096;
 
-const OPS: [&str; 6] = ["copy_stream", "recv", "data", "refill", "flush_rq", "poll_flush_request"];
+const OPS: [&str; 7] = ["copy_stream", "recv", "data", "refill", "flush_rq", "poll_flush_request", "consume"];
 
 #[test]
 fn receive_and_refill_do_not_allocate() {
@@ -95,7 +96,7 @@ fn receive_and_refill_do_not_allocate() {
     let mut cqes = [Cqe::default(); 256];
     let limits = CopyLimits::default();
     let mut pos = 0usize;
-    let mut per_op = [0u64; 6];
+    let mut per_op = [0u64; 7];
 
     // The counter counts this thread's allocations while armed, and only then.
     arm(true);
@@ -107,9 +108,9 @@ fn receive_and_refill_do_not_allocate() {
     assert_eq!(counted, 2, "the counting allocator sees an allocation and a free");
     assert_eq!(events() - before, 2, "nothing counted while disarmed");
 
-    let mut iteration = |k: usize, per_op: &mut [u64; 6], pos: &mut usize| {
+    let mut iteration = |k: usize, per_op: &mut [u64; 7], pos: &mut usize| {
         let mut t = events();
-        let mut mark = |op: usize, per_op: &mut [u64; 6]| {
+        let mut mark = |op: usize, per_op: &mut [u64; 7]| {
             let now = events();
             per_op[op] += now - t;
             t = now;
@@ -117,16 +118,30 @@ fn receive_and_refill_do_not_allocate() {
         let out = ifq.copy_stream(rx.as_fd(), &limits).unwrap();
         mark(0, per_op);
         assert!(matches!(out, CopyOutcome::Data { .. }), "unexpected {out:?}");
-        let n = user.recv(&mut cqes);
-        mark(1, per_op);
-        for c in &cqes[..n] {
-            let d = user.data(c).unwrap();
-            mark(2, per_op);
-            let s = *pos % PERIOD;
-            assert!(d == &table[s..s + d.len()], "bytes at stream offset {pos} differ");
-            *pos += d.len();
-            user.refill(c).unwrap();
-            mark(3, per_op);
+        if k % 3 == 2 {
+            // The process-and-return path.
+            let n = user
+                .consume(64, |d, _| {
+                    let s = *pos % PERIOD;
+                    assert!(d == &table[s..s + d.len()], "bytes at stream offset {pos} differ");
+                    *pos += d.len();
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+            assert!(n > 0 || user.cq_ready() == 0);
+            mark(6, per_op);
+        } else {
+            let n = user.recv(&mut cqes);
+            mark(1, per_op);
+            for c in &cqes[..n] {
+                let d = user.data(c).unwrap();
+                mark(2, per_op);
+                let s = *pos % PERIOD;
+                assert!(d == &table[s..s + d.len()], "bytes at stream offset {pos} differ");
+                *pos += d.len();
+                user.refill(c).unwrap();
+                mark(3, per_op);
+            }
         }
         user.flush_rq();
         mark(4, per_op);
@@ -141,7 +156,7 @@ fn receive_and_refill_do_not_allocate() {
         iteration(k, &mut per_op, &mut pos);
     }
     let warm = pos;
-    per_op = [0; 6];
+    per_op = [0; 7];
     arm(true);
     let before = events();
     for k in 0..20_000 {
