@@ -30,6 +30,8 @@ struct Region {
 /// valid while the snapshot lives, even if the frontend replaces the table.
 pub(crate) struct GuestMap {
     regions: Vec<Region>,
+    /// Region of the last translation.
+    hint: std::cell::Cell<usize>,
     _mem: Arc<GuestMemoryMmap<()>>,
 }
 
@@ -46,7 +48,7 @@ impl GuestMap {
                 host: r.as_ptr(),
             })
             .collect();
-        GuestMap { regions, _mem: mem }
+        GuestMap { regions, hint: std::cell::Cell::new(0), _mem: mem }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -58,9 +60,18 @@ impl GuestMap {
     #[inline]
     pub(crate) fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {
         let end = gpa.checked_add(len)?;
-        for r in &self.regions {
+        // Buffers come from one region almost always: look where the last one was first.
+        let hint = self.hint.get();
+        if let Some(r) = self.regions.get(hint) {
             if gpa >= r.gpa && end <= r.end {
-                // In bounds of the mapping: offset < region length.
+                // SAFETY: in bounds of the mapping: offset < region length.
+                return Some(unsafe { r.host.add((gpa - r.gpa) as usize) });
+            }
+        }
+        for (k, r) in self.regions.iter().enumerate() {
+            if gpa >= r.gpa && end <= r.end {
+                self.hint.set(k);
+                // SAFETY: in bounds of the mapping: offset < region length.
                 return Some(unsafe { r.host.add((gpa - r.gpa) as usize) });
             }
         }
@@ -317,6 +328,27 @@ impl RawQueue {
                 }
             }
         }
+    }
+
+    /// The next available chain, if it is one device-writable descriptor of at least `need`
+    /// bytes inside guest memory: its head and where it is mapped. Nothing is taken: on `None`
+    /// the caller pops and walks the chain the general way (which also reports what is wrong
+    /// with it). The caller checked `available() > 0`.
+    #[inline]
+    pub(crate) fn peek_single_writable(&self, map: &GuestMap, need: u32) -> Option<(u16, *mut u8)> {
+        let slot = (self.next_avail & self.mask) as usize;
+        // SAFETY: slot < size, inside the checked avail area.
+        let head = u16::from_le(unsafe { ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16) });
+        if head >= self.size {
+            return None;
+        }
+        // SAFETY: head < size: inside the checked descriptor table.
+        let d = unsafe { ptr::read_volatile(self.desc.add(head as usize)) };
+        let (len, flags) = (u32::from_le(d.len), u16::from_le(d.flags));
+        if flags != VRING_DESC_F_WRITE || len < need {
+            return None;
+        }
+        Some((head, map.translate(u64::from_le(d.addr), len as u64)?))
     }
 
     /// Give back the last `n` popped entries (they will be popped again).

@@ -48,6 +48,9 @@ impl RxSide for DeviceSide {
     fn serve_flush(&mut self) {
         self.rx.refill();
     }
+    fn drains_rq(&self) -> bool {
+        true
+    }
     fn finish(mut self: Box<Self>) -> (IfqStats, Option<driver::NetStats>) {
         let dev = self.rx.device().stats();
         (self.rx.close(), Some(dev))

@@ -40,6 +40,11 @@ pub trait RxSide {
     fn step(&mut self) -> Result<Step, String>;
     /// Serve the user's flush_rq request now (inline mode, refill queue full).
     fn serve_flush(&mut self);
+    /// Whether it drains the refill queue by itself (a device does on every refill): then
+    /// returned buffers need only be published, not flushed.
+    fn drains_rq(&self) -> bool {
+        false
+    }
     /// Close; every buffer is accounted for. The device's counters when there is a device.
     fn finish(self: Box<Self>) -> (IfqStats, Option<driver::NetStats>);
 }
@@ -81,6 +86,7 @@ pub struct RunStats {
 fn drain(
     user: &mut IfqUser,
     sink: &mut dyn Sink,
+    flush: bool,
     on_rq_full: &mut dyn FnMut(&mut IfqUser),
 ) -> Result<(u64, u64), String> {
     let mut bytes = 0;
@@ -98,7 +104,11 @@ fn drain(
         break n;
     };
     if n != 0 {
-        user.flush_rq();
+        if flush {
+            user.flush_rq();
+        } else {
+            user.commit_rq();
+        }
     }
     Ok((bytes, n as u64))
 }
@@ -113,10 +123,11 @@ pub fn run_inline(
 ) -> Result<RunStats, String> {
     let mut run = RunStats::default();
     let mut eof = false;
+    let flush = !rx.drains_rq();
     while !eof && !stop.load(Ordering::Relaxed) {
         eof = rx.step()? == Step::Eof;
         loop {
-            let (b, n) = drain(&mut user, sink, &mut |u| {
+            let (b, n) = drain(&mut user, sink, flush, &mut |u| {
                 u.flush_rq();
                 rx.serve_flush();
             })?;
@@ -140,6 +151,7 @@ pub fn run_threaded(
     progress: &mut dyn FnMut(u64),
     stop: Arc<AtomicBool>,
 ) -> Result<RunStats, String> {
+    let flush = !rx.drains_rq();
     let done = Arc::new(AtomicBool::new(false));
     let rx_done = done.clone();
     let rx_stop = stop.clone();
@@ -170,7 +182,7 @@ pub fn run_threaded(
     let mut result = Ok(());
     loop {
         let finished = done.load(Ordering::Acquire);
-        match drain(&mut user, sink, &mut |u| {
+        match drain(&mut user, sink, flush, &mut |u| {
             u.flush_rq();
             Backoff::new().snooze();
         }) {

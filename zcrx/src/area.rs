@@ -307,10 +307,15 @@ impl Area {
         unsafe { self.mem.ptr().as_ptr().add(offset) }
     }
     /// The device's address of the byte at `offset`; `None` when unmapped or out of range.
+    #[inline]
     pub fn dma_addr(&self, offset: usize) -> Option<u64> {
         let d = self.dma.as_ref()?;
         if offset >= self.mem.len() {
             return None;
+        }
+        if let [(iova, _)] = d.segs[..] {
+            // One segment (the usual case): no division on the refill path.
+            return Some(iova + offset as u64);
         }
         let (iova, _) = d.segs[offset / d.seg_len];
         Some(iova + (offset % d.seg_len) as u64)

@@ -417,6 +417,36 @@ impl Ifq {
         self.flush_rq()
     }
 
+    /// The next buffer the user returned on the refill queue, handed straight to the caller as
+    /// posted (it skips the free list): what a device driver does on refill, so a buffer goes
+    /// back to the device in the order it was returned. Invalid entries are skipped and
+    /// counted as in [`Ifq::flush_rq`]. `None` when the queue is empty. Call
+    /// [`Ifq::release_rq`] after the batch.
+    #[inline]
+    pub fn take_returned(&mut self) -> Option<u32> {
+        loop {
+            let rqe = self.rq.pop()?;
+            match self.check_rqe(&rqe) {
+                Some(i) => {
+                    self.state[i as usize] = NiovState::Posted;
+                    self.user -= 1;
+                    self.stats.refilled += 1;
+                    return Some(i);
+                }
+                None => {
+                    self.stats.invalid_rqes += 1;
+                    self.post_event(ZCRX_EVENT_INVALID_RQE);
+                }
+            }
+        }
+    }
+
+    /// Hand the refill-queue slots read by [`Ifq::take_returned`] back to the user.
+    #[inline]
+    pub fn release_rq(&mut self) {
+        self.rq.release();
+    }
+
     /// Serve a flush the user asked for with [`IfqUser::flush_rq`] (one relaxed load when there
     /// is none). Returns the buffers returned.
     #[inline]
@@ -687,7 +717,11 @@ mod tests {
 
     /// A NODEV ifq of `n` buffers with `k` of them completed to the user: buffer `j` holds
     /// `j + 1` bytes of value `j`.
-    fn setup(n: usize, rq: u32, k: u32) -> (Ifq, IfqUser) {
+    /// Holds the memlock test's lock while the area lives (drop it last).
+    type Serial = std::sync::MutexGuard<'static, ()>;
+
+    fn setup(n: usize, rq: u32, k: u32) -> (Serial, Ifq, IfqUser) {
+        let serial = crate::memlock::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let reg = IfqReg { rq_entries: rq, cq_entries: 16, ..IfqReg::default() };
         let (mut ifq, user) = Ifq::register(reg, AreaReg::new(MemoryKind::Anonymous, n * BUF), None).unwrap();
         for j in 0..k {
@@ -697,12 +731,12 @@ mod tests {
             ifq.complete(i, 0, j + 1, 0, true).unwrap();
         }
         ifq.commit();
-        (ifq, user)
+        (serial, ifq, user)
     }
 
     #[test]
     fn consume_reads_in_place_and_returns_every_buffer() {
-        let (mut ifq, mut user) = setup(8, 8, 5);
+        let (_serial, mut ifq, mut user) = setup(8, 8, 5);
         let mut seen = Vec::new();
         let n = user.consume(64, |d, _| {
             seen.push(d.to_vec());
@@ -719,7 +753,7 @@ mod tests {
 
     #[test]
     fn consume_takes_no_more_than_the_refill_queue_holds() {
-        let (mut ifq, mut user) = setup(8, 2, 5);
+        let (_serial, mut ifq, mut user) = setup(8, 2, 5);
         let ok = |_: &[u8], _: &Cqe| Ok::<(), ()>(());
         assert_eq!(user.consume(64, ok), Ok(2));
         assert_eq!(user.consume(64, ok), Ok(0), "refill queue full");
@@ -737,7 +771,7 @@ mod tests {
 
     #[test]
     fn consume_stops_at_a_failing_sink_and_loses_nothing() {
-        let (mut ifq, mut user) = setup(8, 8, 4);
+        let (_serial, mut ifq, mut user) = setup(8, 8, 4);
         let mut calls = 0;
         let r = user.consume(64, |d, _| {
             calls += 1;
@@ -753,7 +787,7 @@ mod tests {
 
     #[test]
     fn consume_refuses_a_completion_outside_the_area() {
-        let (mut ifq, mut user) = setup(8, 8, 1);
+        let (_serial, mut ifq, mut user) = setup(8, 8, 1);
         let end = ifq.area().len() as u64;
         for bad in [Cqe { off: area_token(3), len: 1, flags: 0 }, Cqe { off: ifq.token | end, len: 1, flags: 0 }] {
             ifq.cq.push(bad).unwrap();

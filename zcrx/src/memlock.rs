@@ -95,12 +95,18 @@ impl Drop for Charge {
     }
 }
 
+/// The charge counter is process-wide: unit tests that create areas hold this so the test
+/// below sees only its own charges.
+#[cfg(test)]
+pub(crate) static TEST_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn limit_is_enforced_and_names_the_numbers() {
+        let _serial = TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let base = charged_bytes();
         let limit = base + 10_000;
         let a = Charge::take(6000, MemlockPolicy::Limit(limit)).unwrap();
