@@ -39,7 +39,8 @@ pub enum Memory {
 pub enum Method {
     /// readv()/recvmmsg() straight into free buffers.
     Readv,
-    /// io_uring multishot recv (bundles for streams) into a provided-buffer ring over the area.
+    /// io_uring recv bundles (streams; one request armed per poll) or multishot recv
+    /// (datagrams) into a provided-buffer ring over the area.
     Uring,
 }
 

@@ -267,7 +267,7 @@ fn sockaddr_to_std(a: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<S
     }
 }
 
-/// The copy fallback through io_uring: a multishot recv (with bundles for streams) into a
+/// The copy fallback through io_uring: recv bundles (streams) or multishot recv into a
 /// provided-buffer ring whose buffers are the area's free niovs, so the kernel's one copy lands
 /// in the area and one syscall can complete many buffers.
 ///
@@ -287,6 +287,12 @@ impl UringCopy {
             pr: crate::uring::ProvidedRecv::new(fd, kind, ring_entries)?,
             _mem: ifq.area().memory().clone(),
         })
+    }
+
+    /// Streams: a multishot bundle recv instead of one armed per fill (see
+    /// [`crate::uring::ProvidedRecv::set_stream_multishot`]).
+    pub fn set_stream_multishot(&mut self, on: bool) {
+        self.pr.set_stream_multishot(on);
     }
 
     /// Buffers currently in the provided ring.
