@@ -191,7 +191,9 @@ fn one_run(a: &CopyBenchArgs, variant: &str) -> Result<Run, String> {
     }
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = l.local_addr().map_err(|e| e.to_string())?;
-    let tx = sender::spawn_tcp(addr, a.bytes, a.write_size as usize, Payload::Repeat);
+    // Receiver on core 0, sender on core 1, as in `bench vhost-user`.
+    sender::pin_to(0);
+    let tx = sender::spawn_tcp_on(addr, a.bytes, a.write_size as usize, Payload::Repeat, Some(1));
     let (mut sock, _): (TcpStream, _) = l.accept().map_err(|e| e.to_string())?;
     let start = Instant::now();
     let cpu0 = thread_cpu_secs();

@@ -114,11 +114,7 @@ fn sock(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("zcrx-bench-{tag}-{}.sock", std::process::id()))
 }
 
-fn pin_to(cpu: usize) {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    let _ = rustix::thread::sched_setaffinity(None, &set);
-}
+use crate::sender::pin_to;
 
 /// Our driver receiving (no verification, like testpmd rxonly) on core 0 for `secs`.
 fn our_receiver(path: &std::path::Path, secs: f64) -> Result<Run, String> {

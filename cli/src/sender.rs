@@ -15,11 +15,29 @@ pub enum Payload {
     Repeat,
 }
 
+/// Keep the calling thread on `cpu` (benchmarks: sender and receiver on cores of their own, so
+/// the scheduler's wake-up placement does not put them on one core now and then).
+pub fn pin_to(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        tracing::warn!("cannot pin to CPU {cpu}: {e}");
+    }
+}
+
 /// Connect to `addr` and write `total` bytes in `write_size` writes, then close.
 pub fn spawn_tcp(addr: SocketAddr, total: u64, write_size: usize, payload: Payload) -> JoinHandle<io::Result<u64>> {
+    spawn_tcp_on(addr, total, write_size, payload, None)
+}
+
+/// [`spawn_tcp`] with the sender kept on `cpu`.
+pub fn spawn_tcp_on(addr: SocketAddr, total: u64, write_size: usize, payload: Payload, cpu: Option<usize>) -> JoinHandle<io::Result<u64>> {
     std::thread::Builder::new()
         .name("zcrx-sender".into())
         .spawn(move || {
+            if let Some(c) = cpu {
+                pin_to(c);
+            }
             let mut s = TcpStream::connect(addr)?;
             s.set_nodelay(true).ok();
             let block = 256 * 1024 / write_size.max(1) * write_size.max(1);
