@@ -563,8 +563,8 @@ impl NetRx {
     }
 
     /// Reap what the device wrote: one completion per buffer, `ZCRX_CQE_F_CONTD` on all but a
-    /// frame's last. Zero copy: `{niov offset past the header, len}` for a frame's first buffer,
-    /// `{niov, len}` for the others. Copy mode: each buffer's payload copied to the start of a
+    /// frame's last. Zero copy: `{niov + RX_HEADROOM + header, len}` (offset 64, cache-line
+    /// aligned) for a frame's first buffer, `{niov + RX_HEADROOM, len}` for the others. Copy mode: each buffer's payload copied to the start of a
     /// free niov. Then refill.
     ///
     /// Back pressure loses nothing: no more used entries are reaped than there are completion
