@@ -44,6 +44,8 @@ pub(crate) struct GenState {
     pub verifier: Option<FrameVerifier>,
     /// Pre-built frames sent in a cycle instead of generating each one.
     pub templates: Option<Vec<Vec<u8>>>,
+    /// The template to send next (frame `seq` is template `seq % len`).
+    pub next_template: usize,
 }
 
 impl GenState {
@@ -676,7 +678,8 @@ impl Poller<'_> {
             q.prefetch_ahead(&self.map, PREFETCH_AHEAD, true);
             let seq = g.gen.next_seq();
             let gen = &g.gen;
-            let template = g.templates.as_ref().map(|t| &t[(seq % t.len() as u64) as usize]);
+            // The next template by a wrapping index: `seq % len` would divide per frame.
+            let template = g.templates.as_ref().map(|t| &t[g.next_template]);
             let flen = template.map_or_else(|| gen.len_for(seq), |t| t.len());
             match self
                 .rx
@@ -688,6 +691,9 @@ impl Poller<'_> {
                 }) {
                 Ok(Deliver::Done) | Ok(Deliver::Dropped) => {
                     g.gen.set_next_seq(seq + 1);
+                    if let Some(t) = &g.templates {
+                        g.next_template = if g.next_template + 1 == t.len() { 0 } else { g.next_template + 1 };
+                    }
                     n += 1;
                 }
                 Ok(Deliver::NoBuffers) => break,

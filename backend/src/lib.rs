@@ -353,6 +353,7 @@ fn mode_state(cfg: &BackendConfig, tap: &Option<Arc<OwnedFd>>) -> ModeState {
                     })
                     .collect()
             }),
+            next_template: 0,
         }),
         Mode::Sink(s) => ModeState::Sink {
             verifier: s.verify.then(|| {

@@ -542,16 +542,18 @@ impl NetRx {
 
     /// Zero copy: post up to `want` free niovs on the rx queue (not published).
     fn post_niovs(&mut self, want: u32) -> u32 {
-        // Returned buffers go back on top of the free stack first and are posted again while
-        // still in cache: the device writes into a working set of about one queue, not the
-        // whole area (cold writes cut 1500-byte receive to a third here). They come off in the
-        // order they were returned, so a buffer returned in completion order lands in the slot
-        // (and descriptor) it came from, which then needs no store.
-        self.ifq.refill_from_rq();
+        // Returned buffers are posted first, straight from the refill queue, while still in
+        // cache: the device writes into a working set of about one queue, not the whole area
+        // (cold writes cut 1500-byte receive to a third here). They go in the order they were
+        // returned, so a buffer returned in completion order lands in the slot (and
+        // descriptor) it came from, which then needs no store. Then the free list.
         let len = self.ifq.area().rx_buf_len();
         let mut added = 0;
+        let mut returned = true;
         while added < want {
-            let Some(i) = self.ifq.take_free() else { break };
+            let next = if returned { self.ifq.take_returned() } else { None };
+            returned = next.is_some();
+            let Some(i) = next.or_else(|| self.ifq.take_free()) else { break };
             let addr = self.ifq.area().niov_dma(i).expect("a device ifq's area is mapped");
             if self.dev.rx.add(&[Buf { addr: addr + RX_HEADROOM as u64, len: len - RX_HEADROOM, device_writable: true }], i).is_err() {
                 self.ifq.put_back(i);
@@ -559,6 +561,7 @@ impl NetRx {
             }
             added += 1;
         }
+        self.ifq.release_rq();
         added
     }
 
