@@ -406,20 +406,10 @@ impl Ifq {
         returned
     }
 
-    /// Drain the refill queue if it holds anything (one acquire load when it is empty). A device
-    /// driver calls this on every poll, like the kernel's page pool consuming the RQ: returned
-    /// buffers go back on top of the free stack and are posted again while still in cache.
-    #[inline]
-    pub fn refill_from_rq(&mut self) -> u32 {
-        if self.rq.available() == 0 {
-            return 0;
-        }
-        self.flush_rq()
-    }
-
     /// The next buffer the user returned on the refill queue, handed straight to the caller as
-    /// posted (it skips the free list): what a device driver does on refill, so a buffer goes
-    /// back to the device in the order it was returned. Invalid entries are skipped and
+    /// posted (it skips the free list): what a device driver does on every refill, like the
+    /// kernel's page pool consuming the RQ, so a buffer goes back to the device while still in
+    /// cache and in the order it was returned. Invalid entries are skipped and
     /// counted as in [`Ifq::flush_rq`]. `None` when the queue is empty. Call
     /// [`Ifq::release_rq`] after the batch.
     #[inline]
