@@ -668,6 +668,7 @@ impl Poller<'_> {
         }
         let allowed = g.allowed(Instant::now);
         let q = self.slots[RX].q.as_mut().unwrap();
+        q.prefetch_used(allowed.min(BURST) as u16);
         let mut errs = Errs {
             shared: &engine.shared,
             rep: &mut engine.desc_err,

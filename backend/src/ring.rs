@@ -438,6 +438,20 @@ impl RawQueue {
         }
     }
 
+    /// Ask for the lines of the next `n` used elements, for writing, before a burst: the
+    /// frontend's core read them last, and a store that has to fetch its line first holds up
+    /// everything behind it.
+    #[inline]
+    pub(crate) fn prefetch_used(&self, n: u16) {
+        let mut k = 0;
+        while k < n {
+            let slot = (self.next_used.wrapping_add(k) & self.mask) as usize;
+            // SAFETY: slot < size, inside the checked used area; prefetches never fault.
+            prefetch(unsafe { self.used.add(4 + 8 * slot) }, true);
+            k += 8;
+        }
+    }
+
     /// Write a used element (not yet visible: see [`publish`](Self::publish)).
     #[inline]
     pub(crate) fn push_used(&mut self, id: u16, len: u32) {
