@@ -140,6 +140,9 @@ pub fn run(a: &RxArgs) -> Result<(), String> {
     if a.verify_seed.is_some() {
         return Err("--verify-seed needs --vhost-user".into());
     }
+    if a.mtu.is_some() {
+        return Err("--mtu is for a device (--vhost-user, --vfio): it decides how frames fill buffers".into());
+    }
     let listen = a.listen.ok_or("--listen ADDR is required with --nodev")?;
     if a.pcap.is_some() && !a.udp {
         return Err("--pcap needs --udp (a TCP stream has no packets to write)".into());

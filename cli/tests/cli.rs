@@ -84,6 +84,7 @@ fn bad_input_is_one_clear_line() {
     assert_clean_error(&zcrx(&["rx", "--nodev", "--udp", "--listen", "127.0.0.1:0", "--method", "uring"]), "--rx-buf-len 64K");
     assert_clean_error(&zcrx(&["rx", "--vhost-user", "/nonexistent/zcrx.sock"]), "connect");
     assert_clean_error(&zcrx(&["rx", "--vhost-user", "/tmp/x.sock", "--udp"]), "--udp are for --nodev");
+    assert_clean_error(&zcrx(&["rx", "--nodev", "--listen", "127.0.0.1:0", "--mtu", "1500"]), "--mtu is for a device");
     assert_clean_error(&zcrx(&["backend", "--socket", "/tmp/zcrx-never.sock", "--mode", "tap"]), "--tap NAME");
     assert_clean_error(&zcrx(&["backend", "--socket", "/tmp/zcrx-never.sock", "--mode", "gen", "--queue-size", "1000"]), "power of two");
     assert_clean_error(&zcrx(&["backend", "--socket", "/tmp/zcrx-never.sock", "--mode", "gen", "--frame-len", "10"]), "frame");
@@ -93,6 +94,9 @@ fn bad_input_is_one_clear_line() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid value 'lots'"));
     let o = zcrx(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
+    let o = zcrx(&["rx", "--vhost-user", "/tmp/x.sock", "--mtu", "10"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid value '10' for '--mtu"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

@@ -79,3 +79,70 @@ fn known_mtu_frames_are_single_aligned_buffers() {
     let st = rx.device().stats();
     assert_eq!((st.rx_frames, st.device_errors), (600, 0));
 }
+
+/// The driver takes returned buffers straight from the refill queue on each refill: garbage
+/// entries among them (other area, out of range, not niov-aligned, pad set, not held, returned
+/// twice) are skipped and counted, and no buffer is lost or posted twice.
+#[test]
+fn garbage_refill_entries_are_counted_and_lose_nothing() {
+    use zcrx::uapi::{area_token, ZCRX_EVENT_INVALID_RQE};
+    use zcrx::Rqe;
+    let (mut rx, mut user, s) = register(Some(1518));
+    let q = s.lock().unwrap().queues[0].expect("rx queue");
+    let mut dev = Device::new(q, false, BUF - RX_HEADROOM as usize);
+    let n_niovs = rx.ifq().area().num_niovs();
+    let conserved = |rx: &driver::NetRx| {
+        let i = rx.ifq();
+        assert_eq!(i.free_count() + i.posted_count() + i.user_count(), n_niovs);
+    };
+    for seq in 0..8 {
+        assert!(dev.deliver_as(seq, 100, 1));
+    }
+    dev.publish();
+    assert_eq!(rx.poll().expect("poll").completions, 8);
+    let mut cqes = [zcrx::Cqe::default(); 8];
+    assert_eq!(user.recv(&mut cqes), 8);
+    conserved(&rx);
+    let token = user.area_token();
+    let niov = |c: &zcrx::Cqe| c.area_offset() / BUF as u64 * BUF as u64;
+    let area_len = rx.ifq().area().len() as u64;
+    let garbage = [
+        Rqe { off: area_token(5) | niov(&cqes[0]), len: BUF as u32, pad: 0 },
+        Rqe { off: token | area_len, len: BUF as u32, pad: 0 },
+        Rqe { off: token | (niov(&cqes[0]) + 64), len: BUF as u32, pad: 0 },
+        Rqe { off: token | niov(&cqes[1]), len: BUF as u32, pad: 1 },
+    ];
+    let rq = user.rq_raw();
+    for (k, g) in garbage.iter().enumerate() {
+        rq.push(*g).unwrap();
+        // A valid return between every two garbage entries.
+        rq.push(Rqe { off: token | niov(&cqes[2 + k]), len: BUF as u32, pad: 0 }).unwrap();
+    }
+    // Returned twice, and a buffer the device holds (never completed to the user).
+    rq.push(Rqe { off: token | niov(&cqes[2]), len: BUF as u32, pad: 0 }).unwrap();
+    let posted = (0..n_niovs).find(|&i| rx.ifq().niov_state(i) == zcrx::NiovState::Posted).unwrap();
+    rq.push(Rqe { off: token | (u64::from(posted) * BUF as u64), len: BUF as u32, pad: 0 }).unwrap();
+    user.commit_rq();
+    let before = rx.ifq().stats();
+    rx.poll().expect("poll: refill");
+    let after = rx.ifq().stats();
+    assert_eq!(after.invalid_rqes - before.invalid_rqes, 6, "{after:?}");
+    assert_eq!(after.refilled - before.refilled, 4, "the 4 valid returns");
+    assert_ne!(user.take_events() & ZCRX_EVENT_INVALID_RQE, 0);
+    conserved(&rx);
+    // The 4 still held by the user (cqes 0, 1, 6, 7) can still be returned the normal way.
+    for c in [cqes[0], cqes[1], cqes[6], cqes[7]] {
+        user.refill(&c).unwrap();
+    }
+    user.commit_rq();
+    rx.poll().expect("poll");
+    assert_eq!(rx.ifq().user_count(), 0);
+    conserved(&rx);
+    // And the ring keeps working: every buffer posted once, frames still arrive.
+    for seq in 100..164 {
+        assert!(dev.deliver_as(seq, 60, 1));
+    }
+    dev.publish();
+    assert_eq!(rx.poll().expect("poll").completions, 64);
+    assert_eq!(rx.device().stats().device_errors, 0);
+}
