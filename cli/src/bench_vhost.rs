@@ -126,7 +126,7 @@ fn our_receiver(path: &std::path::Path, secs: f64) -> Result<Run, String> {
         let frames = std::cell::Cell::new(0);
         let mut sink = crate::frames::FrameSink::new(None, None, &frames);
         let deadline = Some(Instant::now() + Duration::from_secs_f64(secs));
-        let (run, t) = crate::frames::receive_vhost_user(&path, reg, area, crate::rx::net_config(Some(1500)), &mut sink, None, deadline, &mut |_| {})?;
+        let (run, t) = crate::frames::receive_device(crate::frames::vhost_user(&path)?, reg, area, crate::rx::net_config(Some(1500)), &mut sink, None, deadline, &mut |_| {})?;
         let dev = run.device.unwrap_or_default();
         Ok(Run {
             mpps: frames.get() as f64 / t / 1e6,

@@ -168,7 +168,7 @@ fn zero_copy(a: &DemoArgs) -> Result<serde_json::Value, String> {
     let mut sink = crate::frames::FrameSink::new(Some(verify), None, &frames);
     let bar = crate::progress::bytes_bar(a.frames * (MIN + MAX) as u64 / 2, a.json);
     let deadline = Some(Instant::now() + std::time::Duration::from_secs(120));
-    let (run, secs) = crate::frames::receive_vhost_user(&sock, reg, area, net_config(), &mut sink, Some(a.frames), deadline, &mut |b| bar.set_position(b))?;
+    let (run, secs) = crate::frames::receive_device(crate::frames::vhost_user(&sock)?, reg, area, net_config(), &mut sink, Some(a.frames), deadline, &mut |b| bar.set_position(b))?;
     bar.finish_and_clear();
     let bs = b.stop();
     if let Some(e) = sink.first_error {

@@ -152,18 +152,7 @@ pub fn receive_device(
     Ok((run, start.elapsed().as_secs_f64()))
 }
 
-/// [`receive_device`] from the vhost-user backend listening at `path`.
-#[allow(clippy::too_many_arguments)] // as receive_device
-pub fn receive_vhost_user(
-    path: &std::path::Path,
-    reg: zcrx::IfqReg,
-    area: zcrx::AreaReg,
-    cfg: driver::NetConfig,
-    sink: &mut FrameSink<'_>,
-    count: Option<u64>,
-    deadline: Option<std::time::Instant>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<(crate::receive::RunStats, f64), String> {
-    let transport = driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?;
-    receive_device(Box::new(transport), reg, area, cfg, sink, count, deadline, progress)
+/// The transport to the vhost-user backend listening at `path`.
+pub fn vhost_user(path: &std::path::Path) -> Result<Box<dyn driver::transport::Transport>, String> {
+    Ok(Box::new(driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?))
 }

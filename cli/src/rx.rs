@@ -326,7 +326,7 @@ fn rx_device(a: &RxArgs, dev: Device<'_>) -> Result<(), String> {
     let mut sink = FrameSink::new(verify, pcap, &frames);
     let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
     let transport: Box<dyn driver::transport::Transport> = match dev {
-        Device::VhostUser(path) => Box::new(driver::transport::vhost_user::VhostUser::connect(path).map_err(|e| e.to_string())?),
+        Device::VhostUser(path) => crate::frames::vhost_user(path)?,
         Device::Vfio(bdf) => Box::new(driver::transport::vfio_pci::VfioPci::open(bdf).map_err(|e| e.to_string())?),
     };
     let mode = match dev {

@@ -90,6 +90,18 @@ pub struct NetConfig {
     pub max_frame: Option<u32>,
 }
 
+impl NetConfig {
+    /// Whether a frame may need more than one rx buffer (niovs of `rx_buf_len` bytes, or
+    /// bounce buffers in copy mode).
+    pub fn frames_span(&self, rx_buf_len: u32) -> bool {
+        let (room, buf) = match self.rx_copy {
+            true => (0, RX_COPY_BUF_LEN),
+            false => (RX_HEADROOM, rx_buf_len),
+        };
+        self.max_frame.is_none_or(|f| u64::from(f) + u64::from(room) + NET_HDR_LEN as u64 > u64::from(buf))
+    }
+}
+
 impl Default for NetConfig {
     fn default() -> Self {
         Self { queue_size: 1024, tx_buffers: 256, tx_buf_len: 2048, rx_copy: false, max_frame: None }
@@ -567,8 +579,8 @@ impl NetRx {
 
     /// Reap what the device wrote: one completion per buffer, `ZCRX_CQE_F_CONTD` on all but a
     /// frame's last. Zero copy: `{niov + RX_HEADROOM + header, len}` (offset 64, cache-line
-    /// aligned) for a frame's first buffer, `{niov + RX_HEADROOM, len}` for the others. Copy mode: each buffer's payload copied to the start of a
-    /// free niov. Then refill.
+    /// aligned) for a frame's first buffer, `{niov + RX_HEADROOM, len}` for the others. Copy
+    /// mode: each buffer's payload copied to the start of a free niov. Refill comes first.
     ///
     /// Back pressure loses nothing: no more used entries are reaped than there are completion
     /// slots (and, copying, free niovs); the rest waits in the device's used ring.

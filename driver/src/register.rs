@@ -4,7 +4,7 @@
 
 use zcrx::{AreaReg, IfqReg, IfqUser};
 
-use crate::net::{negotiate, NetConfig, NetError, NetRx, VirtioNet, NET_HDR_LEN, RX_COPY_BUF_LEN, RX_HEADROOM};
+use crate::net::{negotiate, NetConfig, NetError, NetRx, VirtioNet};
 use crate::transport::Transport;
 
 /// Registration failures.
@@ -16,15 +16,6 @@ pub enum RegisterError {
     Ifq(#[from] zcrx::Error),
     #[error("the device has one rx queue; if_rxq {0} does not exist")]
     NoSuchQueue(u32),
-}
-
-/// Whether a frame may need more than one rx buffer of `rx_buf_len` bytes.
-fn frames_span(cfg: &NetConfig, rx_buf_len: u32) -> bool {
-    let (room, buf) = match cfg.rx_copy {
-        true => (0, RX_COPY_BUF_LEN),
-        false => (RX_HEADROOM, rx_buf_len),
-    };
-    cfg.max_frame.is_none_or(|f| u64::from(f) + u64::from(room) + NET_HDR_LEN as u64 > u64::from(buf))
 }
 
 /// Open `transport`'s device, create the ifq's area mapped for it, bind it to rx queue 0.
@@ -42,7 +33,7 @@ pub fn register_ifq(
     let device = transport.describe();
     let dev_err = |source| RegisterError::Device { device: device.clone(), source };
     // 1. The device and its DMA context.
-    let features = negotiate(&mut *transport, frames_span(&cfg, reg.rx_buf_len)).map_err(dev_err)?;
+    let features = negotiate(&mut *transport, cfg.frames_span(reg.rx_buf_len)).map_err(dev_err)?;
     let dma = transport.dma();
     // 2. The area, mapped at creation.
     let (ifq, user) = zcrx::Ifq::register(reg, area, Some(dma))?;

@@ -500,7 +500,7 @@ impl SplitQueue {
             return Err(AddError::Full { needed: bufs.len(), free: self.num_free });
         }
         if self.fixed_slots {
-            return self.add_fixed(bufs, token, writable);
+            return self.add_fixed(&bufs[0], token, writable);
         }
 
         // The free list is already linked through `next`: the chain is its first n entries.
@@ -529,8 +529,7 @@ impl SplitQueue {
 
     /// [`Self::add`] with fixed slots: the chain (checked by the caller) goes in the descriptor
     /// of its avail slot, whose entry already names it.
-    fn add_fixed(&mut self, bufs: &[Buf], token: u32, writable: u64) -> Result<u16, AddError> {
-        let [b] = bufs else { unreachable!("checked by add") };
+    fn add_fixed(&mut self, b: &Buf, token: u32, writable: u64) -> Result<u16, AddError> {
         let head = self.avail_idx & self.mask();
         if self.heads[usize::from(head)].state != HeadState::Idle {
             return Err(AddError::SlotBusy { slot: head });
@@ -632,7 +631,6 @@ impl SplitQueue {
             }));
         }
         let count = usize::from(ready).min(max);
-        self.prefetch_used(count);
         for _ in 0..count {
             let pos = self.last_used;
             let (id, len) = self.used_entry(pos & self.mask());
@@ -669,30 +667,6 @@ impl SplitQueue {
             }
         }
         Ok(count)
-    }
-
-    /// Ask for the lines of the next `count` used entries at once. The device's core just wrote
-    /// them; read one by one, each line is a miss the loop waits for (the work on 8 entries is
-    /// more than the CPU looks ahead), so the misses would not overlap.
-    #[inline]
-    fn prefetch_used(&self, count: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut k = 0;
-            while k < count {
-                let slot = self.last_used.wrapping_add(k as u16) & self.mask();
-                let off = self.layout.used_offset + RING_HEADER + USED_ELEM_SIZE * usize::from(slot);
-                // SAFETY: a prefetch only hints the cache; the address is inside the queue
-                // region (a masked slot of the used ring) and it cannot fault anyway.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(self.base.add(off) as *const i8)
-                };
-                // 8 entries per line; the next line starts at most 8 entries further.
-                k += 8;
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = count;
     }
 
     fn write_used_event(&mut self, v: u16) {

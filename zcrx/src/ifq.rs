@@ -375,33 +375,19 @@ impl Ifq {
     /// skipped and counted. Returns the number of buffers returned.
     pub fn flush_rq(&mut self) -> u32 {
         let mut returned = 0;
-        let mut invalid = 0;
         // At most one ring's worth per call, so a producer that keeps publishing cannot hold us.
         let mut budget = self.rq.entries();
-        while budget > 0 && self.rq.available() > 0 {
-            let Some(rqe) = self.rq.pop() else { break };
-            budget -= 1;
-            match self.check_rqe(&rqe) {
-                Some(i) => {
-                    self.state[i as usize] = NiovState::Free;
-                    self.user -= 1;
-                    self.free.push(i);
-                    returned += 1;
-                }
-                None => invalid += 1,
-            }
+        while let Some(i) = self.pop_returned(&mut budget) {
+            self.state[i as usize] = NiovState::Free;
+            self.free.push(i);
+            returned += 1;
         }
         self.rq.release();
         // The first returned goes out first (the stack's top is its end): a user returning in
         // completion order gets each buffer posted again in the order it was used.
         let n = self.free.len();
         self.free[n - returned as usize..].reverse();
-        self.stats.refilled += returned as u64;
         self.stats.flushes += 1;
-        if invalid != 0 {
-            self.stats.invalid_rqes += invalid;
-            self.post_event(ZCRX_EVENT_INVALID_RQE);
-        }
         self.commit();
         returned
     }
@@ -414,21 +400,29 @@ impl Ifq {
     /// [`Ifq::release_rq`] after the batch.
     #[inline]
     pub fn take_returned(&mut self) -> Option<u32> {
-        loop {
+        let mut budget = self.rq.available();
+        let i = self.pop_returned(&mut budget)?;
+        self.state[i as usize] = NiovState::Posted;
+        Some(i)
+    }
+
+    /// The next valid entry of the refill queue, reading at most `budget` entries (each read
+    /// counts, so a producer that keeps writing garbage cannot hold us); the buffer stops being
+    /// the user's and the caller says where it goes. Invalid entries are skipped and counted.
+    #[inline]
+    fn pop_returned(&mut self, budget: &mut u32) -> Option<u32> {
+        while *budget > 0 {
             let rqe = self.rq.pop()?;
-            match self.check_rqe(&rqe) {
-                Some(i) => {
-                    self.state[i as usize] = NiovState::Posted;
-                    self.user -= 1;
-                    self.stats.refilled += 1;
-                    return Some(i);
-                }
-                None => {
-                    self.stats.invalid_rqes += 1;
-                    self.post_event(ZCRX_EVENT_INVALID_RQE);
-                }
+            *budget -= 1;
+            if let Some(i) = self.check_rqe(&rqe) {
+                self.user -= 1;
+                self.stats.refilled += 1;
+                return Some(i);
             }
+            self.stats.invalid_rqes += 1;
+            self.post_event(ZCRX_EVENT_INVALID_RQE);
         }
+        None
     }
 
     /// Hand the refill-queue slots read by [`Ifq::take_returned`] back to the user.
@@ -550,11 +544,17 @@ impl IfqUser {
         (i < self.num_niovs as u64 && end_in_niov <= 1 << self.niov_shift).then_some(i as u32)
     }
 
-    fn check_held(&self, c: &Cqe) -> Result<u32, BufError> {
+    /// The buffer a completion names, if it names one of this area (not checked: held).
+    #[inline]
+    fn locate(&self, c: &Cqe) -> Result<u32, BufError> {
         if c.off & !AREA_MASK != self.token {
             return Err(BufError::BadToken(c.off));
         }
-        let i = self.niov_of(c.off, c.len).ok_or(BufError::OutOfRange { off: c.off, len: c.len })?;
+        self.niov_of(c.off, c.len).ok_or(BufError::OutOfRange { off: c.off, len: c.len })
+    }
+
+    fn check_held(&self, c: &Cqe) -> Result<u32, BufError> {
+        let i = self.locate(c)?;
         if self.held[i as usize / 64] & (1 << (i % 64)) == 0 {
             return Err(BufError::NotHeld(i));
         }
@@ -607,15 +607,14 @@ impl IfqUser {
         let mut result = Ok(());
         while done < n {
             let Some(c) = self.cq.pop() else { break };
-            let Some(i) = self.niov_of(c.off, c.len) else {
-                // Leave it in the ring; nothing was taken.
-                self.cq.unpop();
-                result = Err(ConsumeError::Buf(if c.off & !AREA_MASK != self.token {
-                    BufError::BadToken(c.off)
-                } else {
-                    BufError::OutOfRange { off: c.off, len: c.len }
-                }));
-                break;
+            let i = match self.locate(&c) {
+                Ok(i) => i,
+                Err(e) => {
+                    // Leave it in the ring; nothing was taken.
+                    self.cq.unpop();
+                    result = Err(ConsumeError::Buf(e));
+                    break;
+                }
             };
             // SAFETY: niov_of checked the range is inside the area and one niov; the receive
             // side completed the buffer to us and will not write it before we return it, which
