@@ -81,6 +81,7 @@ impl<'a> FrameSink<'a> {
         Self { verify, pcap, frames, corrupted: 0, first_error: None, frame: Vec::with_capacity(65536) }
     }
 
+    #[inline]
     fn whole(&mut self, frame: &[u8]) -> Result<(), String> {
         let n = self.frames.get() + 1;
         self.frames.set(n);

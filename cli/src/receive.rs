@@ -11,7 +11,8 @@ use zcrx::{CopyOutcome, Cqe, Ifq, IfqStats, IfqUser};
 /// Completions taken per batch.
 pub const BATCH: usize = 256;
 
-/// Where received bytes go. `cqe` says which buffer and whether the frame continues.
+/// Where received bytes go. `cqe` says which buffer and whether the frame continues. The
+/// receive loops are generic over it, so a concrete sink is inlined into the per-buffer loop.
 pub trait Sink {
     fn data(&mut self, bytes: &[u8], cqe: &Cqe) -> Result<(), String>;
 }
@@ -83,9 +84,9 @@ pub struct RunStats {
 /// Take every ready completion, feed the sink in place and return the buffer at once
 /// ([`IfqUser::consume`]). `on_rq_full` must make refill-queue room (flush) — completions wait
 /// in their ring meanwhile, nothing is dropped.
-fn drain(
+fn drain<S: Sink + ?Sized>(
     user: &mut IfqUser,
-    sink: &mut dyn Sink,
+    sink: &mut S,
     flush: bool,
     on_rq_full: &mut dyn FnMut(&mut IfqUser),
 ) -> Result<(u64, u64), String> {
@@ -114,10 +115,10 @@ fn drain(
 }
 
 /// One thread drives both sides until the source ends or `stop` is set.
-pub fn run_inline(
+pub fn run_inline<S: Sink + ?Sized>(
     mut rx: Box<dyn RxSide + '_>,
     mut user: IfqUser,
-    sink: &mut dyn Sink,
+    sink: &mut S,
     progress: &mut dyn FnMut(u64),
     stop: &AtomicBool,
 ) -> Result<RunStats, String> {
@@ -144,10 +145,10 @@ pub fn run_inline(
 }
 
 /// A receive thread owns the receive side; this thread consumes and refills.
-pub fn run_threaded(
+pub fn run_threaded<S: Sink + ?Sized>(
     rx: Box<dyn RxSide + Send>,
     mut user: IfqUser,
-    sink: &mut dyn Sink,
+    sink: &mut S,
     progress: &mut dyn FnMut(u64),
     stop: Arc<AtomicBool>,
 ) -> Result<RunStats, String> {

@@ -348,6 +348,7 @@ fn rx_device(a: &RxArgs, dev: Device<'_>) -> Result<(), String> {
                 "seconds": secs, "mpps": frames.get() as f64 / secs / 1e6, "gbit_per_s": run.bytes as f64 * 8.0 / secs / 1e9,
                 "zc_count": s.zc_count, "zc_bytes": s.zc_bytes, "copy_count": s.copy_count,
                 "invalid_rqes": s.invalid_rqes, "refilled": s.refilled,
+                "polls": run.device.map(|d| d.rx_polls), "empty_polls": run.device.map(|d| d.rx_empty_polls),
                 "verified": v.map(|v| v.unique), "corrupted": sink.corrupted, "lost": v.map(|v| v.lost),
                 "first_error": sink.first_error,
             })
@@ -356,6 +357,11 @@ fn rx_device(a: &RxArgs, dev: Device<'_>) -> Result<(), String> {
         println!("received {} frames, {} bytes zero-copy in {:.2} s ({:.3} Mpps, {:.3} Gbit/s)", frames.get(), run.bytes, secs,
             frames.get() as f64 / secs / 1e6, run.bytes as f64 * 8.0 / secs / 1e9);
         println!("zc_count {} zc_bytes {} copy_count {} refilled {} invalid_rqes {}", s.zc_count, s.zc_bytes, s.copy_count, s.refilled, s.invalid_rqes);
+        if let Some(d) = run.device {
+            println!("polls {} empty {} ({:.1}%), {:.1} frames per busy poll", d.rx_polls, d.rx_empty_polls,
+                d.rx_empty_polls as f64 * 100.0 / d.rx_polls.max(1) as f64,
+                d.rx_frames as f64 / (d.rx_polls - d.rx_empty_polls).max(1) as f64);
+        }
         if let Some(v) = v {
             println!("verified {} frames, corrupted {}, lost {}, reordered {}", v.unique, sink.corrupted, v.lost, v.reordered);
         }

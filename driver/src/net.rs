@@ -542,7 +542,7 @@ impl NetRx {
         if want == 0 || self.dev.rx.is_broken() {
             return;
         }
-        let added = if self.dev.cfg.rx_copy { self.dev.post_bounce(want) } else { self.post_niovs(want) };
+        let added = if self.dev.cfg.rx_copy { self.dev.post_bounce(want) } else { self.post_niovs() };
         if added != 0 {
             self.dev.rx.publish();
             if self.dev.rx.needs_kick() {
@@ -552,29 +552,31 @@ impl NetRx {
         }
     }
 
-    /// Zero copy: post up to `want` free niovs on the rx queue (not published).
-    fn post_niovs(&mut self, want: u32) -> u32 {
+    /// Zero copy: post free niovs on the rx queue's free slots (published).
+    fn post_niovs(&mut self) -> u32 {
         // Returned buffers are posted first, straight from the refill queue, while still in
         // cache: the device writes into a working set of about one queue, not the whole area
         // (cold writes cut 1500-byte receive to a third here). They go in the order they were
         // returned, so a buffer returned in completion order lands in the slot (and
         // descriptor) it came from, which then needs no store. Then the free list.
-        let len = self.ifq.area().rx_buf_len();
-        let mut added = 0;
+        let area = self.ifq.area();
+        let (len, shift, contiguous) = (area.rx_buf_len() - RX_HEADROOM, area.niov_shift(), area.contiguous_dma());
+        let ifq = &mut self.ifq;
         let mut returned = true;
-        while added < want {
-            let next = if returned { self.ifq.take_returned() } else { None };
+        let added = self.dev.rx.post_fixed(len, true, || {
+            let next = if returned { ifq.take_returned() } else { None };
             returned = next.is_some();
-            let Some(i) = next.or_else(|| self.ifq.take_free()) else { break };
-            let addr = self.ifq.area().niov_dma(i).expect("a device ifq's area is mapped");
-            if self.dev.rx.add(&[Buf { addr: addr + RX_HEADROOM as u64, len: len - RX_HEADROOM, device_writable: true }], i).is_err() {
-                self.ifq.put_back(i);
-                break;
-            }
-            added += 1;
-        }
+            let i = next.or_else(|| ifq.take_free())?;
+            let addr = match contiguous {
+                Some(base) => base + (u64::from(i) << shift),
+                None => ifq.area().niov_dma(i).expect("a device ifq's area is mapped"),
+            };
+            Some((addr + u64::from(RX_HEADROOM), i))
+        });
         self.ifq.release_rq();
-        added
+        // Only a broken queue refuses (the rx queue always has fixed slots and len > 0); its
+        // buffers come back when the device is stopped.
+        u32::from(added.unwrap_or(0))
     }
 
     /// Reap what the device wrote: one completion per buffer, `ZCRX_CQE_F_CONTD` on all but a

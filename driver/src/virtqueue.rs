@@ -155,6 +155,8 @@ pub enum AddError {
     SlotBusy { slot: u16 },
     #[error("fixed slots take one-buffer chains, not {len}")]
     NotSingle { len: usize },
+    #[error("the queue does not use fixed slots")]
+    NotFixed,
 }
 
 /// What the device did wrong (or [`DeviceError::Broken`]: it did so earlier). `pos` is the
@@ -540,6 +542,54 @@ impl SplitQueue {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.in_flight += 1;
         Ok(head)
+    }
+
+    /// The refill loop of a fixed-slot queue (an rx queue): fill the free slots in ring order
+    /// with one-buffer chains of `len` bytes, each buffer `(addr, token)` from `next`, and
+    /// publish them (with anything [`Self::add`]ed before). Buffer and queue are checked once
+    /// per batch, not per buffer as `add` must. `next` is asked only when the slot is free, so
+    /// a buffer it hands out is always posted: the batch ends when `next` has none, or at a
+    /// slot the device still holds (it completed out of order). Returns how many were posted.
+    pub fn post_fixed(
+        &mut self,
+        len: u32,
+        device_writable: bool,
+        mut next: impl FnMut() -> Option<(u64, u32)>,
+    ) -> Result<u16, AddError> {
+        if self.broken {
+            return Err(AddError::Broken);
+        }
+        if !self.fixed_slots {
+            return Err(AddError::NotFixed);
+        }
+        if len == 0 {
+            return Err(AddError::ZeroLength { index: 0 });
+        }
+        self.publish();
+        let flags = if device_writable { F_WRITE } else { 0 };
+        let writable = if device_writable { u64::from(len) } else { 0 };
+        let mask = self.mask();
+        let mut added = 0;
+        while added < self.num_free {
+            let head = self.avail_idx.wrapping_add(added) & mask;
+            if self.heads[usize::from(head)].state != HeadState::Idle {
+                break;
+            }
+            let Some((addr, token)) = next() else { break };
+            self.write_desc(head, addr, len, flags, 0);
+            // Published at once: the device cannot see it before the store below, and nothing
+            // of ours looks in between.
+            self.heads[usize::from(head)] = Head { token, writable, chain_len: 1, state: HeadState::Published };
+            added += 1;
+        }
+        if added != 0 {
+            self.num_free -= added;
+            self.in_flight += added;
+            self.avail_idx = self.avail_idx.wrapping_add(added);
+            self.avail_idx_field().store(self.avail_idx.to_le(), Ordering::Release);
+            self.published_idx = self.avail_idx;
+        }
+        Ok(added)
     }
 
     /// Make every chain added since the last publish visible to the device: one release store of
@@ -989,6 +1039,48 @@ mod tests {
         assert_eq!(entries, [0, 0, 1, 0, 2, 0, 3, 0]);
         assert_eq!(h.vq.add(&[w(h.data, 64)], 1).unwrap(), 0);
         assert_eq!(h.vq.add(&[w(h.data, 64)], 2).unwrap(), 1);
+    }
+
+    #[test]
+    fn post_fixed_fills_free_slots_in_order_and_publishes() {
+        const N: u16 = 8;
+        let mut h = harness(N, false);
+        let data = h.data;
+        let addr = |t: u32| data + 4096 * u64::from(t);
+        assert_eq!(h.vq.post_fixed(64, true, || Some((0, 0))), Err(AddError::NotFixed));
+        h.vq.use_fixed_slots().unwrap();
+        assert_eq!(h.vq.post_fixed(0, true, || Some((0, 0))), Err(AddError::ZeroLength { index: 0 }));
+        // An `add` not yet published goes out with the batch.
+        h.vq.add(&[w(addr(100), 4096)], 100).unwrap();
+        let mut tokens = 0..5u32;
+        assert_eq!(h.vq.post_fixed(4096, true, || tokens.next().map(|t| (addr(t), t))), Ok(5));
+        assert_eq!((h.vq.in_flight(), h.vq.unpublished(), h.vq.free_descriptors()), (6, 0, 2));
+        let chains: Vec<DevChain> = (0..6).map(|_| h.pop().unwrap()).collect();
+        assert!(h.pop().is_none());
+        for (k, c) in chains.iter().enumerate() {
+            let t = if k == 0 { 100 } else { k as u64 - 1 };
+            assert_eq!((c.head, c.descs.clone()), (k as u16, vec![(h.data + 4096 * t, 4096, true)]));
+        }
+        // The device completes slot 1 only. The next free slot (6) and the one after (7) are
+        // filled; the batch stops at slot 0, still the device's, without taking a buffer.
+        h.complete(&chains[1], 20, 0);
+        let mut got = Vec::new();
+        h.vq.poll_used(8, |u| got.push((u.token, u.len))).unwrap();
+        assert_eq!(got, vec![(0, 20)]);
+        let mut asked = 0;
+        let mut tokens = 10..;
+        let n = h.vq.post_fixed(4096, true, || {
+            asked += 1;
+            tokens.next().map(|t| (addr(t), t))
+        });
+        assert_eq!((n, asked), (Ok(2), 2));
+        assert_eq!(h.pop().unwrap().head, 6);
+        assert_eq!(h.pop().unwrap().head, 7);
+        assert_eq!(h.vq.post_fixed(4096, true, || panic!("slot 0 is busy")), Ok(0));
+        // Everything still in flight comes back exactly once.
+        let mut back = drain(&mut h.vq);
+        back.sort();
+        assert_eq!(back, vec![1, 2, 3, 4, 10, 11, 100]);
     }
 
     #[test]

@@ -320,6 +320,15 @@ impl Area {
         let (iova, _) = d.segs[offset / d.seg_len];
         Some(iova + (offset % d.seg_len) as u64)
     }
+    /// The device's address of the area's first byte when the whole area is one mapping (the
+    /// usual case): then niov `i` is at that plus `i << niov_shift`, with no lookup per buffer.
+    #[inline]
+    pub fn contiguous_dma(&self) -> Option<u64> {
+        match self.dma.as_ref()?.segs[..] {
+            [(iova, _)] => Some(iova),
+            _ => None,
+        }
+    }
     /// Whether the area was DMA mapped for a device.
     pub fn is_mapped(&self) -> bool {
         self.dma.is_some()
