@@ -67,6 +67,7 @@ const EVENT_FIELD_SIZE: usize = 2;
 /// Chains may not be longer than 2^32 bytes in total (virtio 1.2, 2.7.5.2).
 const MAX_CHAIN_BYTES: u64 = 1 << 32;
 
+
 const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const F_NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
@@ -681,26 +682,43 @@ impl SplitQueue {
             }));
         }
         let count = usize::from(ready).min(max);
+        // The counters are kept in locals and stored once: the loop then keeps them in
+        // registers instead of storing through `self` per entry.
+        let mut pos = self.last_used;
+        let mut freed = 0u16;
+        let mut err = None;
         for _ in 0..count {
-            let pos = self.last_used;
             let (id, len) = self.used_entry(pos & self.mask());
             let (id, len) = (u32::from_le(id.load(Ordering::Relaxed)), u32::from_le(len.load(Ordering::Relaxed)));
-            if id >= u32::from(self.size) {
-                return Err(self.fail(DeviceError::BadId { pos, id, size: self.size }));
-            }
+            // One head per descriptor: in range is `id < size`.
+            let Some(h) = self.heads.get_mut(id as usize) else {
+                err = Some(DeviceError::BadId { pos, id, size: self.size });
+                break;
+            };
             let head = id as u16;
-            let h = self.heads[usize::from(head)];
             if h.state != HeadState::Published {
-                return Err(self.fail(DeviceError::NotInFlight { pos, id: head }));
+                err = Some(DeviceError::NotInFlight { pos, id: head });
+                break;
             }
             if u64::from(len) > h.writable {
-                return Err(self.fail(DeviceError::LenTooLong { pos, id: head, len, writable: h.writable }));
+                err = Some(DeviceError::LenTooLong { pos, id: head, len, writable: h.writable });
+                break;
             }
-            self.free_chain(head, h.chain_len);
-            self.heads[usize::from(head)].state = HeadState::Idle;
-            self.in_flight -= 1;
-            self.last_used = pos.wrapping_add(1);
-            f(Used { token: h.token, head, len });
+            h.state = HeadState::Idle;
+            let (token, chain_len) = (h.token, h.chain_len);
+            if !self.fixed_slots {
+                self.unlink_chain(head, chain_len);
+            }
+            freed += chain_len;
+            pos = pos.wrapping_add(1);
+            f(Used { token, head, len });
+        }
+        let done = pos.wrapping_sub(self.last_used);
+        self.last_used = pos;
+        self.in_flight -= done;
+        self.num_free += freed;
+        if let Some(e) = err {
+            return Err(self.fail(e));
         }
         if count > 0 && self.event_idx {
             if self.interrupts {
@@ -724,20 +742,15 @@ impl SplitQueue {
         self.used_event_written = v;
     }
 
-    /// Return a chain to the free list, walking our private links only.
-    fn free_chain(&mut self, head: u16, chain_len: u16) {
-        if self.fixed_slots {
-            // One descriptor, bound to its slot; the free list is not used.
-            self.num_free += 1;
-            return;
-        }
+    /// Put a chain back on the free list, walking our private links only (the caller counts
+    /// it free). Fixed slots use no free list: a descriptor stays bound to its slot.
+    fn unlink_chain(&mut self, head: u16, chain_len: u16) {
         let mut last = head;
         for _ in 1..chain_len {
             last = self.next[usize::from(last)];
         }
         self.next[usize::from(last)] = self.free_head;
         self.free_head = head;
-        self.num_free += chain_len;
     }
 
     fn fail(&mut self, e: DeviceError) -> DeviceError {
