@@ -26,6 +26,8 @@
 //! as an rx queue posts) avail slot `i` always names descriptor `i`, so the avail entries are
 //! written once. A device completing in order then gets the same buffer back in the same slot:
 //! in steady state the driver writes only `avail.idx`. (DPDK's virtio rx does the same.)
+//! [`SplitQueue::post_fixed`] is the rx refill loop for such a queue: the buffer and the queue
+//! are checked once per batch instead of once per buffer, as [`SplitQueue::add`] must.
 //!
 //! Typical use:
 //!
