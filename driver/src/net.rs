@@ -357,20 +357,16 @@ impl VirtioNet {
         self.tx.drain_in_flight(|t| free.push(t as u16));
     }
 
-    /// Copy mode: post up to `want` free bounce buffers on the rx queue (not published).
-    fn post_bounce(&mut self, want: u32) -> u32 {
-        let mut added = 0;
-        while added < want {
-            let Some(b) = self.rx_bounce_free.pop() else { break };
-            let off = self.rx_bounce_base + b as usize * RX_COPY_BUF_LEN as usize;
-            let addr = self.mem.dma_addr(off).expect("mapped");
-            if self.rx.add(&[Buf { addr, len: RX_COPY_BUF_LEN, device_writable: true }], b as u32).is_err() {
-                self.rx_bounce_free.push(b);
-                break;
-            }
-            added += 1;
-        }
-        added
+    /// Copy mode: post free bounce buffers on the rx queue's free slots (published).
+    fn post_bounce(&mut self) -> u32 {
+        let Self { rx, mem, rx_bounce_base, rx_bounce_free, .. } = self;
+        let added = rx.post_fixed(RX_COPY_BUF_LEN, true, || {
+            let b = rx_bounce_free.pop()?;
+            let addr = mem.dma_addr(*rx_bounce_base + usize::from(b) * RX_COPY_BUF_LEN as usize).expect("mapped");
+            Some((addr, u32::from(b)))
+        });
+        // Only a broken queue refuses; see `NetRx::post_niovs`.
+        u32::from(added.unwrap_or(0))
     }
 }
 
@@ -538,13 +534,12 @@ impl NetRx {
     /// `flush_rq` unless the RQ overflows.
     pub fn refill(&mut self) {
         self.ifq.poll_flush_request();
-        let want = self.dev.rx.free_descriptors() as u32;
-        if want == 0 || self.dev.rx.is_broken() {
+        if self.dev.rx.free_descriptors() == 0 || self.dev.rx.is_broken() {
             return;
         }
-        let added = if self.dev.cfg.rx_copy { self.dev.post_bounce(want) } else { self.post_niovs() };
+        // Both post and publish (`SplitQueue::post_fixed`).
+        let added = if self.dev.cfg.rx_copy { self.dev.post_bounce() } else { self.post_niovs() };
         if added != 0 {
-            self.dev.rx.publish();
             if self.dev.rx.needs_kick() {
                 self.dev.transport.notify(RXQ);
                 self.dev.stats.kicks += 1;
