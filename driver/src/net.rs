@@ -539,11 +539,9 @@ impl NetRx {
         }
         // Both post and publish (`SplitQueue::post_fixed`).
         let added = if self.dev.cfg.rx_copy { self.dev.post_bounce() } else { self.post_niovs() };
-        if added != 0 {
-            if self.dev.rx.needs_kick() {
-                self.dev.transport.notify(RXQ);
-                self.dev.stats.kicks += 1;
-            }
+        if added != 0 && self.dev.rx.needs_kick() {
+            self.dev.transport.notify(RXQ);
+            self.dev.stats.kicks += 1;
         }
     }
 
