@@ -60,22 +60,15 @@ impl GuestMap {
     #[inline]
     pub(crate) fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {
         let end = gpa.checked_add(len)?;
+        // SAFETY: in bounds of the mapping: offset < region length.
+        let inside = |r: &Region| (gpa >= r.gpa && end <= r.end).then(|| unsafe { r.host.add((gpa - r.gpa) as usize) });
         // Buffers come from one region almost always: look where the last one was first.
-        let hint = self.hint.get();
-        if let Some(r) = self.regions.get(hint) {
-            if gpa >= r.gpa && end <= r.end {
-                // SAFETY: in bounds of the mapping: offset < region length.
-                return Some(unsafe { r.host.add((gpa - r.gpa) as usize) });
-            }
+        if let Some(p) = self.regions.get(self.hint.get()).and_then(inside) {
+            return Some(p);
         }
-        for (k, r) in self.regions.iter().enumerate() {
-            if gpa >= r.gpa && end <= r.end {
-                self.hint.set(k);
-                // SAFETY: in bounds of the mapping: offset < region length.
-                return Some(unsafe { r.host.add((gpa - r.gpa) as usize) });
-            }
-        }
-        None
+        let (k, p) = self.regions.iter().enumerate().find_map(|(k, r)| Some((k, inside(r)?)))?;
+        self.hint.set(k);
+        Some(p)
     }
 }
 

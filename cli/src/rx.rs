@@ -375,21 +375,8 @@ fn rx_device(a: &RxArgs, dev: Device<'_>) -> Result<(), String> {
 /// Datagrams that find the socket buffer full are dropped by the kernel before we ever see
 /// them: ask for 8 MiB (SO_RCVBUFFORCE as root, else up to net.core.rmem_max).
 fn big_receive_buffer(sock: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size: libc::c_int = 8 << 20;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: a plain setsockopt with an int argument on a socket we own.
-        let r = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                &size as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return;
-        }
+    const SIZE: usize = 8 << 20;
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(sock, SIZE).is_err() {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(sock, SIZE);
     }
 }

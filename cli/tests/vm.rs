@@ -5,15 +5,17 @@
 
 use std::process::Command;
 
-#[test]
-fn zcrx_vm_receives_host_frames_zero_copy_over_vfio() {
-    let o = Command::new(env!("CARGO_BIN_EXE_zcrx"))
-        .args(["vm", "--frames", "400", "--json", "--timeout", "240"])
-        .output()
-        .unwrap();
+/// `zcrx vm ARGS --json`: must succeed; its JSON output.
+fn vm_json(args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_zcrx")).arg("vm").args(args).arg("--json").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {err}"))
+}
+
+#[test]
+fn zcrx_vm_receives_host_frames_zero_copy_over_vfio() {
+    let j = vm_json(&["--frames", "400", "--timeout", "240"]);
     let g = &j["guest"];
     assert_eq!(j["sent"], 400);
     assert_eq!(g["mode"], "vfio-zc");
@@ -28,13 +30,7 @@ fn zcrx_vm_receives_host_frames_zero_copy_over_vfio() {
 /// phase on the same function), the host keeps the NIC's netdev fed for the whole run.
 #[test]
 fn zcrx_vm_bench_compares_zero_copy_with_copy_mode() {
-    let o = Command::new(env!("CARGO_BIN_EXE_zcrx"))
-        .args(["vm", "--bench", "--seconds", "2", "--runs", "1", "--json", "--timeout", "120"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let j = vm_json(&["--bench", "--seconds", "2", "--runs", "1", "--timeout", "120"]);
     let g = &j["guest"];
     assert_eq!(g["bench"], "vfio", "{j}");
     assert!(j["sent"].as_u64().unwrap() > 0, "{j}");

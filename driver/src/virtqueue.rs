@@ -505,7 +505,7 @@ impl SplitQueue {
             return Err(AddError::Full { needed: bufs.len(), free: self.num_free });
         }
         if self.fixed_slots {
-            return self.add_fixed(&bufs[0], token, writable);
+            return self.add_fixed(&bufs[0], token);
         }
 
         // The free list is already linked through `next`: the chain is its first n entries.
@@ -534,17 +534,13 @@ impl SplitQueue {
 
     /// [`Self::add`] with fixed slots: the chain (checked by the caller) goes in the descriptor
     /// of its avail slot, whose entry already names it.
-    fn add_fixed(&mut self, b: &Buf, token: u32, writable: u64) -> Result<u16, AddError> {
+    fn add_fixed(&mut self, b: &Buf, token: u32) -> Result<u16, AddError> {
         let head = self.avail_idx & self.mask();
-        if self.heads[usize::from(head)].state != HeadState::Idle {
-            return Err(AddError::SlotBusy { slot: head });
+        let mut one = Some((b.addr, token));
+        match self.fill_fixed(b.len, b.device_writable, HeadState::Added, || one.take()) {
+            0 => Err(AddError::SlotBusy { slot: head }),
+            _ => Ok(head),
         }
-        self.write_desc(head, b.addr, b.len, if b.device_writable { F_WRITE } else { 0 }, 0);
-        self.num_free -= 1;
-        self.heads[usize::from(head)] = Head { token, writable, chain_len: 1, state: HeadState::Added };
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.in_flight += 1;
-        Ok(head)
     }
 
     /// The refill loop of a fixed-slot queue (an rx queue): fill the free slots in ring order
@@ -557,7 +553,7 @@ impl SplitQueue {
         &mut self,
         len: u32,
         device_writable: bool,
-        mut next: impl FnMut() -> Option<(u64, u32)>,
+        next: impl FnMut() -> Option<(u64, u32)>,
     ) -> Result<u16, AddError> {
         if self.broken {
             return Err(AddError::Broken);
@@ -569,6 +565,27 @@ impl SplitQueue {
             return Err(AddError::ZeroLength { index: 0 });
         }
         self.publish();
+        // Published at once: the device cannot see them before the store below, and nothing of
+        // ours looks in between.
+        let added = self.fill_fixed(len, device_writable, HeadState::Published, next);
+        if added != 0 {
+            self.avail_idx_field().store(self.avail_idx.to_le(), Ordering::Release);
+            self.published_idx = self.avail_idx;
+        }
+        Ok(added)
+    }
+
+    /// Fixed slots: write one-buffer chains from `next` into the slots from `avail_idx` on,
+    /// marked `state`, until `next` has none or a slot is still the device's. Returns how many
+    /// (`avail_idx` moves past them); publishes nothing.
+    #[inline]
+    fn fill_fixed(
+        &mut self,
+        len: u32,
+        device_writable: bool,
+        state: HeadState,
+        mut next: impl FnMut() -> Option<(u64, u32)>,
+    ) -> u16 {
         let flags = if device_writable { F_WRITE } else { 0 };
         let writable = if device_writable { u64::from(len) } else { 0 };
         let mask = self.mask();
@@ -580,19 +597,13 @@ impl SplitQueue {
             }
             let Some((addr, token)) = next() else { break };
             self.write_desc(head, addr, len, flags, 0);
-            // Published at once: the device cannot see it before the store below, and nothing
-            // of ours looks in between.
-            self.heads[usize::from(head)] = Head { token, writable, chain_len: 1, state: HeadState::Published };
+            self.heads[usize::from(head)] = Head { token, writable, chain_len: 1, state };
             added += 1;
         }
-        if added != 0 {
-            self.num_free -= added;
-            self.in_flight += added;
-            self.avail_idx = self.avail_idx.wrapping_add(added);
-            self.avail_idx_field().store(self.avail_idx.to_le(), Ordering::Release);
-            self.published_idx = self.avail_idx;
-        }
-        Ok(added)
+        self.num_free -= added;
+        self.in_flight += added;
+        self.avail_idx = self.avail_idx.wrapping_add(added);
+        added
     }
 
     /// Make every chain added since the last publish visible to the device: one release store of

@@ -21,7 +21,7 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{counted, fill, frag_len, Device, Fake, IdentityDma, State, HDR};
+use common::{counted, counted_turn, fill, frag_len, Device, Fake, IdentityDma, State, HDR};
 use driver::{register_ifq, NetConfig, NetRx};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
@@ -157,13 +157,9 @@ impl Run {
         self.dev.publish();
         self.buffers_used += self.dev.used_idx.wrapping_sub(before) as u64;
         let Self { rx, user, app, .. } = self;
-        let (_, a, f) = counted(|| {
-            // Twice: the first poll reaps, the second refills with what the user returned.
-            rx.poll().expect("poll");
+        counted_turn(rx, || {
             app.consume(user, iter % 5 == 0);
-            rx.poll().expect("poll");
-        });
-        (a, f)
+        })
     }
 }
 
@@ -188,10 +184,8 @@ fn scenario(event_idx: bool) {
     // Drain: whatever is still in the used ring or the completion ring.
     for _ in 0..4 {
         let Run { rx, user, app, .. } = &mut r;
-        let (_, a, f) = counted(|| {
-            rx.poll().expect("poll");
+        let (a, f) = counted_turn(rx, || {
             app.consume(user, true);
-            rx.poll().expect("poll");
         });
         allocs += a;
         frees += f;

@@ -19,7 +19,7 @@ mod common;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use common::{bufs_for, counted, fill, frag_len, Device, Fake, IdentityDma, State, HDR};
+use common::{bufs_for, counted, counted_turn, fill, frag_len, Device, Fake, IdentityDma, State, HDR};
 use driver::net::RX_COPY_BUF_LEN;
 use driver::{register_ifq, NetConfig, NetError, NetRx};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -195,10 +195,8 @@ fn steady_state(event_idx: bool) {
         assert!(iter < 20_000, "{what}: stuck after {} buffers", r.buffers_used);
         r.send(1 + (iter * 17 + iter / 3) % 40);
         let Run { rx, user, app, .. } = &mut r;
-        let (_, a, f) = counted(|| {
-            rx.poll().expect("poll");
+        let (a, f) = counted_turn(rx, || {
             app.consume(user, false);
-            rx.poll().expect("poll");
         });
         if iter >= 64 {
             allocs += a;
@@ -208,10 +206,8 @@ fn steady_state(event_idx: bool) {
     }
     for _ in 0..4 {
         let Run { rx, user, app, .. } = &mut r;
-        let (_, a, f) = counted(|| {
-            rx.poll().expect("poll");
+        let (a, f) = counted_turn(rx, || {
             app.consume(user, false);
-            rx.poll().expect("poll");
         });
         allocs += a;
         frees += f;

@@ -179,7 +179,8 @@ fn host_side(port: &HostPort, frames: u32, phases: &[u32], fault: bool) -> HostL
     log
 }
 
-/// Boot a guest running `vfio_rx ARGS --frames N --phases P` while the host side feeds it.
+/// Boot a guest running `vfio_rx ARGS --frames N --phases P` while the host side feeds it;
+/// the guest and the host side must both succeed.
 fn run_rx(
     image_name: &str,
     args: &str,
@@ -214,6 +215,9 @@ fn run_rx(
         r.duration.as_secs_f64(),
         r.markers
     );
+    assert!(r.setup_error().is_none(), "{}", r.report());
+    assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
+    assert!(r.success(), "{}", r.report());
     (r, log)
 }
 
@@ -297,9 +301,6 @@ fn marker<'a>(r: &'a VmResult, prefix: &str) -> &'a str {
 fn zero_copy_receive_through_the_iommu() {
     let frames = 390; // 30 rounds of LENS: ~3.4 MB per phase
     let (r, log) = run_rx("driver-vfio-rx.cpio", "", frames, &[0, 1], false);
-    assert!(r.setup_error().is_none(), "{}", r.report());
-    assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
-    assert!(r.success(), "{}", r.report());
     assert_eq!(log.sent, 2 * frames as u64);
 
     // The transport found and mapped the virtio structures of the real device.
@@ -321,9 +322,6 @@ fn zero_copy_receive_through_the_iommu() {
 fn bar_access_without_mmap() {
     let frames = 130;
     let (r, log) = run_rx("driver-vfio-nommap.cpio", "--no-mmap", frames, &[0], false);
-    assert!(r.setup_error().is_none(), "{}", r.report());
-    assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
-    assert!(r.success(), "{}", r.report());
     let open = marker(&r, "vfio-rx open ");
     for k in ["mmap-common", "mmap-notify", "mmap-isr", "mmap-device"] {
         assert_eq!(field(open, k), "false", "{k}: {open}");
@@ -335,9 +333,6 @@ fn bar_access_without_mmap() {
 fn msix_through_eventfds() {
     let frames = 130;
     let (r, log) = run_rx("driver-vfio-msix.cpio", "--msix", frames, &[0], false);
-    assert!(r.setup_error().is_none(), "{}", r.report());
-    assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
-    assert!(r.success(), "{}", r.report());
     marker(&r, "vfio-rx msix enabled 2 vectors");
     // QEMU signals each queue's first used-ring update regardless of suppression: both vectors
     // reached their eventfds through VFIO.
@@ -352,9 +347,6 @@ fn msix_through_eventfds() {
 fn iommu_blocks_an_unmapped_buffer_and_reset_recovers() {
     let frames = 130;
     let (r, log) = run_rx("driver-vfio-fault.cpio", "--fault", frames, &[1], true);
-    assert!(r.setup_error().is_none(), "{}", r.report());
-    assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
-    assert!(r.success(), "{}", r.report());
     // The device could not write through the unmapped IOVA: the guest's IOMMU driver logged
     // the blocked DMA write at exactly that address, and the page kept its contents. (QEMU 7.2
     // completes the buffer after the IOMMU dropped the write instead of failing the device;
@@ -390,9 +382,6 @@ fn mapping_failure_part_way_unwinds_with_the_real_container() {
     // normal registration on the same device receives.
     let frames = 60;
     let (r, log) = run_rx("driver-vfio-unwind.cpio", "--unwind", frames, &[0], false);
-    assert!(r.setup_error().is_none(), "{}", r.report());
-    assert!(log.error.is_none(), "host: {:?}\n{}", log.error, r.report());
-    assert!(r.success(), "{}", r.report());
     let u = marker(&r, "vfio-rx unwind ");
     assert_eq!(field(u, "mapped-after"), "0", "{u}");
     assert_eq!(field(u, "locked-delta"), "0", "{u}");

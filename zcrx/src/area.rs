@@ -309,14 +309,14 @@ impl Area {
     /// The device's address of the byte at `offset`; `None` when unmapped or out of range.
     #[inline]
     pub fn dma_addr(&self, offset: usize) -> Option<u64> {
-        let d = self.dma.as_ref()?;
         if offset >= self.mem.len() {
             return None;
         }
-        if let [(iova, _)] = d.segs[..] {
-            // One segment (the usual case): no division on the refill path.
+        if let Some(iova) = self.contiguous_dma() {
+            // One segment (the usual case): no division.
             return Some(iova + offset as u64);
         }
+        let d = self.dma.as_ref()?;
         let (iova, _) = d.segs[offset / d.seg_len];
         Some(iova + (offset % d.seg_len) as u64)
     }

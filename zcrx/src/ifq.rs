@@ -544,6 +544,12 @@ impl IfqUser {
         (i < self.num_niovs as u64 && end_in_niov <= 1 << self.niov_shift).then_some(i as u32)
     }
 
+    /// The refill entry that returns buffer `i`.
+    #[inline]
+    fn rqe_for(&self, i: u32) -> Rqe {
+        Rqe { off: self.token | (u64::from(i) << self.niov_shift), len: 1 << self.niov_shift, pad: 0 }
+    }
+
     /// The buffer a completion names, if it names one of this area (not checked: held).
     #[inline]
     fn locate(&self, c: &Cqe) -> Result<u32, BufError> {
@@ -576,10 +582,7 @@ impl IfqUser {
     /// [`IfqUser::commit_rq`] or [`IfqUser::flush_rq`]. A full queue keeps the buffer ours.
     pub fn refill(&mut self, c: &Cqe) -> Result<(), BufError> {
         let i = self.check_held(c)?;
-        let off = self.token | ((i as u64) << self.niov_shift);
-        self.rq
-            .push(Rqe { off, len: 1 << self.niov_shift, pad: 0 })
-            .map_err(|_| BufError::RqFull)?;
+        self.rq.push(self.rqe_for(i)).map_err(|_| BufError::RqFull)?;
         self.held[i as usize / 64] &= !(1 << (i % 64));
         Ok(())
     }
@@ -621,9 +624,8 @@ impl IfqUser {
             // happens below, after `f` is done with the slice.
             let bytes = unsafe { std::slice::from_raw_parts(base.add(c.area_offset() as usize), c.len as usize) };
             let r = f(bytes, &c);
-            let off = self.token | ((i as u64) << self.niov_shift);
             // Room was reserved above: this cannot fail.
-            let _ = self.rq.push(Rqe { off, len: 1 << self.niov_shift, pad: 0 });
+            let _ = self.rq.push(self.rqe_for(i));
             done += 1;
             if let Err(e) = r {
                 result = Err(ConsumeError::Sink(e));

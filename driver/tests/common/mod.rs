@@ -67,6 +67,17 @@ pub fn counted<R>(f: impl FnOnce() -> R) -> (R, u64, u64) {
     (r, ALLOCS.load(Ordering::Relaxed) - a, FREES.load(Ordering::Relaxed) - d)
 }
 
+/// One receive turn with the counter armed: poll (reaps), the application takes and returns
+/// buffers, poll again (refills with what it returned). Returns (allocations, frees).
+pub fn counted_turn(rx: &mut driver::NetRx, app: impl FnOnce()) -> (u64, u64) {
+    let (_, a, f) = counted(|| {
+        rx.poll().expect("poll");
+        app();
+        rx.poll().expect("poll");
+    });
+    (a, f)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fake transport: identity DMA, records the queues, counts kicks (without allocating).
 
