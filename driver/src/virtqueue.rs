@@ -1109,6 +1109,34 @@ mod tests {
         assert_eq!(back, vec![1, 2, 3, 4, 10, 11, 100]);
     }
 
+    /// The used-ring checks hold on a fixed-slot queue too: valid entries before a bad one are
+    /// delivered, the bad one is not, and every other token comes back once from the drain.
+    #[test]
+    fn fixed_slots_device_violations_lose_nothing() {
+        let bad: [(u32, u32, DeviceError); 3] = [
+            (8, 0, DeviceError::BadId { pos: 1, id: 8, size: 8 }),
+            (6, 0, DeviceError::NotInFlight { pos: 1, id: 6 }),
+            (2, 4097, DeviceError::LenTooLong { pos: 1, id: 2, len: 4097, writable: 4096 }),
+        ];
+        for (id, len, err) in bad {
+            let mut h = harness(8, false);
+            h.vq.use_fixed_slots().unwrap();
+            let data = h.data;
+            let mut tokens = 10..16u32;
+            assert_eq!(h.vq.post_fixed(4096, true, || tokens.next().map(|t| (data + 4096 * u64::from(t), t))), Ok(6));
+            h.write_used_entry(0, 1, 64);
+            h.write_used_entry(1, id, len);
+            h.set_used_idx(2);
+            let mut got = Vec::new();
+            assert_eq!(h.vq.poll_used(usize::MAX, |u| got.push(u.token)), Err(err));
+            assert_eq!(got, vec![11], "{err}");
+            assert!(h.vq.is_broken());
+            assert_eq!(h.vq.post_fixed(4096, true, || panic!("broken queue asked for a buffer")), Err(AddError::Broken));
+            assert_eq!(drain(&mut h.vq), vec![10, 12, 13, 14, 15], "{err}");
+            assert_eq!((h.vq.free_descriptors(), h.vq.in_flight()), (8, 0), "{err}");
+        }
+    }
+
     #[test]
     fn fixed_slots_only_on_an_idle_queue() {
         let mut h = harness(4, false);
